@@ -1,0 +1,204 @@
+//! The OCI bundle: `config.json` plus the files and device nodes it refers to.
+
+pub mod devices;
+pub mod env;
+pub mod mounts;
+pub mod spec;
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+use crate::image::facts::ImageFacts;
+use crate::pid1::signals;
+use crate::sys::Kernel;
+use spec::{BindMount, WorkspaceInit, WorkspaceSpec, ID_MAP_HOST_START, WANTED_NOFILE};
+
+/// Where envbox's own binary appears inside a workspace that uses it as init.
+pub const INIT_PATH_INSIDE: &str = "/.envbox/envbox";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("writing {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Spec(#[from] spec::SpecError),
+    #[error(transparent)]
+    Mounts(#[from] mounts::MountError),
+    #[error(transparent)]
+    Devices(#[from] devices::DeviceError),
+}
+
+/// The parts of the image configuration the workspace takes over.
+#[derive(Debug, Clone, Default)]
+pub struct ImageSettings {
+    pub env: Vec<String>,
+    pub working_dir: Option<String>,
+    pub stop_signal: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    pub dir: PathBuf,
+    pub init: WorkspaceInit,
+    /// What stops the workspace's PID 1: SIGRTMIN+3 for systemd, else the image's StopSignal.
+    pub stop_signal: i32,
+    pub env: Vec<String>,
+    pub cgroups_path: String,
+}
+
+pub struct BundleInput<'a> {
+    pub config: &'a Config,
+    pub facts: &'a ImageFacts,
+    pub image: &'a ImageSettings,
+    pub rootfs: &'a Path,
+    pub dir: &'a Path,
+    pub envbox_binary: &'a Path,
+    pub container_id: &'a str,
+}
+
+pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, BundleError> {
+    let cfg = input.config;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BundleError::Io { path, source }
+    };
+    kernel.create_dir_all(input.dir).map_err(io(input.dir))?;
+
+    let etc = input.dir.join("etc");
+    kernel.create_dir_all(&etc).map_err(io(&etc))?;
+    let pod_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let files = [
+        ("hosts", "/etc/hosts", hosts_file(cfg)),
+        ("resolv.conf", "/etc/resolv.conf", resolv_conf(&pod_resolv)),
+        ("hostname", "/etc/hostname", format!("{}\n", cfg.hostname)),
+    ];
+    let mut binds = Vec::new();
+    for (name, inside, content) in files {
+        let p = etc.join(name);
+        kernel.write_file(&p, content.as_bytes()).map_err(io(&p))?;
+        // Owned by the workspace's root, so it can edit them like any container's.
+        kernel.chown(&p, ID_MAP_HOST_START, ID_MAP_HOST_START).map_err(io(&p))?;
+        binds.push(BindMount { source: p, target: inside.into(), read_only: false });
+    }
+
+    let init = if input.facts.has_init {
+        WorkspaceInit::Systemd
+    } else {
+        binds.push(BindMount {
+            source: input.envbox_binary.to_path_buf(),
+            target: INIT_PATH_INSIDE.into(),
+            read_only: true,
+        });
+        WorkspaceInit::Envbox { path_inside: INIT_PATH_INSIDE.into() }
+    };
+    let planned = mounts::plan(&input.facts.user, &cfg.mounts);
+    let mut all_binds = mounts::prepare(kernel, &planned)?;
+    all_binds.extend(binds);
+
+    let devices = devices::prepare(kernel, &input.dir.join("dev"), cfg.add_tun, cfg.add_fuse)?;
+    let token = cfg.agent_token.as_ref().map(|t| t.expose()).unwrap_or_default();
+    let env = env::workspace_env(&input.image.env, token, &cfg.passed_env, &[]);
+    let cwd = cfg
+        .work_dir
+        .clone()
+        .or_else(|| input.image.working_dir.clone().filter(|w| w.starts_with('/')))
+        .unwrap_or_else(|| "/".into());
+    let stop_signal = match init {
+        WorkspaceInit::Systemd => signals::sigrtmin_plus_3(),
+        WorkspaceInit::Envbox { .. } => input
+            .image
+            .stop_signal
+            .as_deref()
+            .and_then(signals::parse_stop_signal)
+            .unwrap_or(libc::SIGTERM),
+    };
+    let cgroups_path = format!("/{}", input.container_id);
+    let ws = WorkspaceSpec {
+        rootfs: input.rootfs.to_path_buf(),
+        hostname: cfg.hostname.clone(),
+        init: init.clone(),
+        env: env.clone(),
+        cwd,
+        mounts: all_binds,
+        devices,
+        cpus: cfg.cpus,
+        memory: cfg.memory,
+        cgroups_path: cgroups_path.clone(),
+        nofile: nofile_limit(),
+    };
+    let spec = spec::build(&ws)?;
+    let path = input.dir.join("config.json");
+    write_private_json(&path, &spec).map_err(io(&path))?;
+    Ok(Bundle { dir: input.dir.to_path_buf(), init, stop_signal, env, cgroups_path })
+}
+
+/// Writes JSON readable by root only: config.json carries the agent token.
+pub fn write_private_json<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    serde_json::to_writer(&mut f, value).map_err(std::io::Error::other)?;
+    f.flush()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// RLIMIT_NOFILE cannot exceed the pod's hard limit: raising it needs CAP_SYS_RESOURCE in the initial
+/// user namespace, which the workspace never has.
+fn nofile_limit() -> u64 {
+    match rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum {
+        Some(hard) if hard < WANTED_NOFILE => {
+            log::info!("RLIMIT_NOFILE for the workspace is {hard}, the pod's hard limit (dockerd would use {WANTED_NOFILE})");
+            hard
+        }
+        _ => WANTED_NOFILE,
+    }
+}
+
+pub fn hosts_file(cfg: &Config) -> String {
+    format!(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{}\t{}\n{}\thost.docker.internal\n",
+        cfg.bridge.workspace_addr, cfg.hostname, cfg.bridge.pod_addr
+    )
+}
+
+/// The pod's resolver configuration without loopback nameservers, which would point at the
+/// workspace's own loopback.
+pub fn resolv_conf(pod: &str) -> String {
+    let mut out = String::new();
+    for line in pod.lines() {
+        let mut f = line.split_whitespace();
+        if f.next() == Some("nameserver") {
+            if let Some(addr) = f.next() {
+                if addr.starts_with("127.") || addr == "::1" {
+                    continue;
+                }
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_drops_loopback_nameservers() {
+        let pod = "search svc.cluster.local\nnameserver 127.0.0.53\nnameserver 10.96.0.10\nnameserver ::1\noptions ndots:5\n";
+        assert_eq!(
+            resolv_conf(pod),
+            "search svc.cluster.local\nnameserver 10.96.0.10\noptions ndots:5\n"
+        );
+    }
+}

@@ -1,0 +1,205 @@
+//! Bind mounts from the pod into the workspace and the ownership of their sources.
+//!
+//! Ownership follows the Go envbox, minus its bugs: non-recursive, the user's home owned by
+//! 100000+uid:gid so the user can write it, other writable sources by the workspace's root (100000).
+//! A read-only source is mounted read-only and left exactly as it is: never remounted read-write in
+//! the pod (envbox#55) and never chowned.
+
+use std::path::{Path, PathBuf};
+
+use crate::bundle::spec::{BindMount, ID_MAP_HOST_START};
+use crate::config::MountSpec;
+use crate::image::facts::UserInfo;
+use crate::sys::Kernel;
+
+/// Inner Docker and Podman storage, persisted on the template's PVC across restarts.
+pub const DEFAULT_MOUNTS: &[(&str, &str)] = &[
+    ("/var/lib/coder/docker", "/var/lib/docker"),
+    ("/var/lib/coder/containers", "/var/lib/containers"),
+];
+
+/// Targets whose sources belong to the node or to envbox: a user mount onto them keeps its owner.
+pub const PRIVATE_TARGETS: &[&str] = &[
+    "/var/lib/containers",
+    "/var/lib/docker",
+    "/var/lib/sysbox",
+    "/lib/modules",
+    "/usr/src",
+    "/var/lib/coder",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("CODER_MOUNTS: source {0} does not exist in the pod; mount a volume there or fix the path")]
+    MissingSource(PathBuf),
+    #[error("preparing mount source {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ownership {
+    Keep,
+    Chown { uid: u32, gid: u32 },
+    /// A default source envbox created or that is still root-owned: give it to the workspace's root.
+    DefaultVolume,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedMount {
+    pub bind: BindMount,
+    pub ownership: Ownership,
+    pub is_default: bool,
+}
+
+fn is_private(target: &Path) -> bool {
+    PRIVATE_TARGETS.iter().any(|p| target == Path::new(p))
+}
+
+/// Defaults first (a user mount onto the same target replaces one), parents before children.
+pub fn plan(user: &UserInfo, user_mounts: &[MountSpec]) -> Vec<PlannedMount> {
+    let mut out: Vec<PlannedMount> = DEFAULT_MOUNTS
+        .iter()
+        .filter(|(_, dst)| !user_mounts.iter().any(|m| m.target == Path::new(dst)))
+        .map(|(src, dst)| PlannedMount {
+            bind: BindMount { source: src.into(), target: dst.into(), read_only: false },
+            ownership: Ownership::DefaultVolume,
+            is_default: true,
+        })
+        .collect();
+    let home = Path::new(&user.home);
+    for m in user_mounts {
+        let ownership = if m.read_only || is_private(&m.target) {
+            Ownership::Keep
+        } else if m.target == home || m.source.starts_with("/home") || m.source == Path::new("/root") {
+            Ownership::Chown { uid: ID_MAP_HOST_START + user.uid, gid: ID_MAP_HOST_START + user.gid }
+        } else {
+            Ownership::Chown { uid: ID_MAP_HOST_START, gid: ID_MAP_HOST_START }
+        };
+        out.push(PlannedMount {
+            bind: BindMount { source: m.source.clone(), target: m.target.clone(), read_only: m.read_only },
+            ownership,
+            is_default: false,
+        });
+    }
+    out.sort_by_key(|m| m.bind.target.components().count());
+    out
+}
+
+/// Creates missing default sources, checks user sources exist, and sets ownership.
+pub fn prepare(kernel: &dyn Kernel, planned: &[PlannedMount]) -> Result<Vec<BindMount>, MountError> {
+    use std::os::unix::fs::MetadataExt;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| MountError::Io { path, source }
+    };
+    for m in planned {
+        let src = &m.bind.source;
+        let meta = std::fs::metadata(src);
+        match (&m.ownership, meta) {
+            (Ownership::DefaultVolume, Err(_)) => {
+                kernel.create_dir_all(src).map_err(io(src))?;
+                kernel.chown(src, ID_MAP_HOST_START, ID_MAP_HOST_START).map_err(io(src))?;
+                kernel.chmod(src, 0o711).map_err(io(src))?;
+            }
+            (Ownership::DefaultVolume, Ok(md)) => {
+                // Root-owned means never handed over (a fresh volume); anything else was set
+                // deliberately, by us on an earlier start or by the platform team.
+                if md.uid() == 0 && md.gid() == 0 {
+                    kernel.chown(src, ID_MAP_HOST_START, ID_MAP_HOST_START).map_err(io(src))?;
+                }
+            }
+            (_, Err(_)) => return Err(MountError::MissingSource(src.clone())),
+            (Ownership::Keep, Ok(_)) => {}
+            (Ownership::Chown { uid, gid }, Ok(md)) => {
+                if md.uid() != *uid || md.gid() != *gid {
+                    kernel.chown(src, *uid, *gid).map_err(io(src))?;
+                }
+            }
+        }
+    }
+    Ok(planned.iter().map(|m| m.bind.clone()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::fake::{Call, RecordingKernel};
+
+    fn coder() -> UserInfo {
+        UserInfo {
+            name: "coder".into(),
+            uid: 1000,
+            gid: 1001,
+            home: "/home/coder".into(),
+            shell: "/bin/sh".into(),
+            group: None,
+            additional_gids: Vec::new(),
+        }
+    }
+
+    fn m(s: &str, t: &str, ro: bool) -> MountSpec {
+        MountSpec { source: s.into(), target: t.into(), read_only: ro }
+    }
+
+    #[test]
+    fn ownership_rules() {
+        let p = plan(
+            &coder(),
+            &[
+                m("/home/coder", "/home/coder", false),
+                m("/var/secrets", "/var/secrets", true),
+                m("/data", "/data", false),
+                m("/node/modules", "/lib/modules", false),
+            ],
+        );
+        let own = |t: &str| p.iter().find(|x| x.bind.target == Path::new(t)).unwrap().ownership.clone();
+        assert_eq!(own("/home/coder"), Ownership::Chown { uid: 101000, gid: 101001 });
+        assert_eq!(own("/var/secrets"), Ownership::Keep);
+        assert_eq!(own("/data"), Ownership::Chown { uid: 100000, gid: 100000 });
+        assert_eq!(own("/lib/modules"), Ownership::Keep);
+        assert_eq!(own("/var/lib/docker"), Ownership::DefaultVolume);
+    }
+
+    #[test]
+    fn user_mount_replaces_default_and_parents_come_first() {
+        let p = plan(
+            &coder(),
+            &[m("/x/deep", "/home/coder/deep", false), m("/v/docker", "/var/lib/docker", false), m("/home/coder", "/home/coder", false)],
+        );
+        let targets: Vec<_> = p.iter().map(|x| x.bind.target.display().to_string()).collect();
+        assert_eq!(targets.iter().filter(|t| *t == "/var/lib/docker").count(), 1);
+        let home = targets.iter().position(|t| t == "/home/coder").unwrap();
+        let deep = targets.iter().position(|t| t == "/home/coder/deep").unwrap();
+        assert!(home < deep);
+    }
+
+    #[test]
+    fn missing_source_is_an_error_and_defaults_are_created() {
+        let k = RecordingKernel::default();
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let err = prepare(&k, &plan(&coder(), &[m(missing.to_str().unwrap(), "/data", false)])).unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+        let fresh = dir.path().join("docker");
+        let planned = vec![PlannedMount {
+            bind: BindMount { source: fresh.clone(), target: "/var/lib/docker".into(), read_only: false },
+            ownership: Ownership::DefaultVolume,
+            is_default: true,
+        }];
+        prepare(&k, &planned).unwrap();
+        let calls = k.calls();
+        assert!(calls.contains(&Call::Mkdir(fresh.clone())));
+        assert!(calls.contains(&Call::Chown { path: fresh.clone(), uid: 100000, gid: 100000 }));
+    }
+
+    #[test]
+    fn read_only_sources_are_never_touched() {
+        let k = RecordingKernel::default();
+        let dir = tempfile::tempdir().unwrap();
+        prepare(&k, &plan(&coder(), &[m(dir.path().to_str().unwrap(), "/secrets", true)]).into_iter().filter(|p| !p.is_default).collect::<Vec<_>>()).unwrap();
+        assert!(k.calls().is_empty(), "{:?}", k.calls());
+    }
+}

@@ -1,0 +1,93 @@
+//! `envbox exec`: a command inside the running workspace, for `kubectl exec` into the pod.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use oci_spec::runtime::Spec;
+
+use crate::bundle::env;
+use crate::cli::ExecArgs;
+use crate::config::DEFAULT_STATE_DIR;
+use crate::image::facts::{lookup_user, UserInfo};
+use crate::workspace::{process_spec, WorkspaceRecord};
+
+pub fn run(a: &ExecArgs) -> ExitCode {
+    match exec(a) {
+        Ok(never) => match never {},
+        Err(msg) => {
+            eprintln!("envbox exec: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+enum Never {}
+
+fn exec(a: &ExecArgs) -> Result<Never, String> {
+    let state_dir = a
+        .state_dir
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    let rec = WorkspaceRecord::load(&state_dir).map_err(|e| e.to_string())?;
+    let spec_path = rec.bundle.join("config.json");
+    let spec = Spec::load(&spec_path).map_err(|e| format!("{}: {e}", spec_path.display()))?;
+    let rootfs = spec.root().as_ref().map(|r| r.path().clone()).unwrap_or_default();
+    let user = match a.user.as_deref() {
+        None => rec.user.clone().into(),
+        Some(u) => resolve_user(&rootfs, u)?,
+    };
+    let mut envv = spec.process().as_ref().and_then(|p| p.env().clone()).unwrap_or_default();
+    env::set(&mut envv, "HOME", &user.home);
+    env::set(&mut envv, "USER", &user.name);
+    let args = if a.command.is_empty() {
+        vec![if user.shell.is_empty() { "/bin/sh".to_string() } else { user.shell.clone() }]
+    } else {
+        a.command.clone()
+    };
+    let tty = rustix::termios::isatty(std::io::stdin()) && rustix::termios::isatty(std::io::stdout());
+    let cwd = if user.home.is_empty() { "/".to_string() } else { user.home.clone() };
+    let process = process_spec(&user, envv, args, &cwd, tty).map_err(|e| e.to_string())?;
+    // The process description carries the agent token: it goes through an anonymous memory file,
+    // never the command line or the disk.
+    let fd = rustix::fs::memfd_create("envbox-exec-process", rustix::fs::MemfdFlags::empty())
+        .map_err(|e| format!("memfd_create: {e}"))?;
+    let json = serde_json::to_vec(&process).map_err(|e| e.to_string())?;
+    rustix::io::write(&fd, &json).map_err(|e| format!("writing the process description: {e}"))?;
+    let proc_path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    let mut cmd = std::process::Command::new(&rec.runtime);
+    cmd.arg("--root").arg(&rec.runtime_root).arg("exec").arg("--process").arg(&proc_path);
+    if tty {
+        cmd.arg("--tty");
+    }
+    cmd.arg(&rec.id);
+    let err = cmd.exec();
+    Err(format!("running {}: {err}", rec.runtime))
+}
+
+/// `name`, `uid` or `uid:gid`; names are looked up in the workspace image's own /etc/passwd.
+fn resolve_user(rootfs: &std::path::Path, u: &str) -> Result<UserInfo, String> {
+    let (first, gid) = match u.split_once(':') {
+        Some((a, b)) => (a, Some(b.parse::<u32>().map_err(|_| format!("--user {u:?}: the group must be numeric"))?)),
+        None => (u, None),
+    };
+    let mut info = lookup_user(rootfs, first).or_else(|e| match first.parse::<u32>() {
+        Ok(uid) => Ok(UserInfo {
+            name: first.into(),
+            uid,
+            gid: uid,
+            home: "/".into(),
+            shell: "/bin/sh".into(),
+            group: None,
+            additional_gids: Vec::new(),
+        }),
+        Err(_) => Err(e.to_string()),
+    })?;
+    if let Some(g) = gid {
+        info.gid = g;
+    }
+    Ok(info)
+}

@@ -1,0 +1,1066 @@
+//! Content-addressed blob cache and the parallel pull that fills it.
+//!
+//! Layout under the cache directory:
+//! ```text
+//! blobs/sha256/<hex>      verified blobs (manifests, configs, layers); only ever renamed into place
+//! tmp/<hex>.partial       partial downloads, kept across restarts and resumed
+//! tmp/<hex>.lock          per-blob flock: one writer per blob across threads and processes
+//! refs/<escaped ref>      JSON: which manifest a reference resolved to last time
+//! ```
+//! Warm starts: a digest reference whose blobs are all present makes no request; a tag makes one
+//! manifest HEAD (GET if the registry sends no digest) and reuses the stored manifest when unchanged.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::image::reference::{validate_digest, ImageRef};
+use crate::image::registry::{LayerDesc, RegistryClient, RegistryError, ResolvedImage};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("invalid digest: {0}")]
+    InvalidDigest(String),
+    #[error("digest mismatch for {what}: expected {expected}, got {actual} ({size} bytes); the partial download was deleted")]
+    DigestMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+        size: u64,
+    },
+    #[error("size mismatch for {digest}: expected {expected} bytes, got {actual}; the partial download was deleted")]
+    SizeMismatch {
+        digest: String,
+        expected: u64,
+        actual: u64,
+    },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn hex_of(digest: &str) -> Result<&str, StoreError> {
+    validate_digest(digest).map_err(StoreError::InvalidDigest)
+}
+
+/// A digest-addressed blob cache shared by threads and processes.
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    root: PathBuf,
+}
+
+impl BlobStore {
+    /// Open (creating directories as needed) the cache at `cache_dir`.
+    pub fn open(cache_dir: &Path) -> Result<BlobStore, StoreError> {
+        for d in ["blobs/sha256", "tmp", "refs"] {
+            let p = cache_dir.join(d);
+            fs::create_dir_all(&p).map_err(io_err("create directory", &p))?;
+        }
+        Ok(BlobStore {
+            root: cache_dir.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Final path of a blob (whether or not it exists). Panics never: invalid digests give an error.
+    pub fn path(&self, digest: &str) -> Result<PathBuf, StoreError> {
+        Ok(self.root.join("blobs/sha256").join(hex_of(digest)?))
+    }
+
+    /// Whether the verified blob is present.
+    pub fn has(&self, digest: &str) -> bool {
+        self.path(digest).map(|p| p.is_file()).unwrap_or(false)
+    }
+
+    fn partial_path(&self, hex: &str) -> PathBuf {
+        self.root.join("tmp").join(format!("{hex}.partial"))
+    }
+
+    fn lock_path(&self, hex: &str) -> PathBuf {
+        self.root.join("tmp").join(format!("{hex}.lock"))
+    }
+
+    /// Take the per-blob lock and return a writer, or `None` when the blob is (by then) present —
+    /// another thread or process finished it while we waited. Blocks while another writer holds it.
+    /// `size` (if known) lets the writer discard an over-long partial.
+    pub fn writer(
+        &self,
+        digest: &str,
+        size: Option<u64>,
+    ) -> Result<Option<BlobWriter>, StoreError> {
+        let hex = hex_of(digest)?.to_string();
+        if self.has(digest) {
+            return Ok(None);
+        }
+        let lock_path = self.lock_path(&hex);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err("open lock file", &lock_path))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).map_err(|e| {
+            StoreError::Io {
+                op: "flock",
+                path: lock_path.clone(),
+                source: e.into(),
+            }
+        })?;
+        // Re-check after acquiring: the previous holder may have completed the blob.
+        if self.has(digest) {
+            return Ok(None);
+        }
+        let partial = self.partial_path(&hex);
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&partial)
+            .map_err(io_err("open partial blob", &partial))?;
+        // Resume: re-hash what a previous attempt (maybe a previous process) left behind.
+        let mut hasher = Sha256::new();
+        let mut written = 0u64;
+        let len = file.metadata().map_err(io_err("stat", &partial))?.len();
+        if len > 0 && size.is_none_or(|s| len <= s) {
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = file
+                    .read(&mut buf)
+                    .map_err(io_err("read partial blob", &partial))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                written += n as u64;
+            }
+        } else if len > 0 {
+            file.set_len(0).map_err(io_err("truncate", &partial))?;
+        }
+        file.seek(SeekFrom::Start(written))
+            .map_err(io_err("seek", &partial))?;
+        Ok(Some(BlobWriter {
+            digest: digest.to_string(),
+            expected_size: size,
+            partial,
+            final_path: self.root.join("blobs/sha256").join(&hex),
+            file,
+            hasher,
+            written,
+            resumed_from: written,
+            _lock: lock,
+        }))
+    }
+
+    /// Read a (small) blob fully, re-verifying its digest. `Ok(None)` if absent.
+    pub fn read(&self, digest: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let p = self.path(digest)?;
+        let bytes = match fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("read blob", &p)(e)),
+        };
+        let actual = sha256_digest(&bytes);
+        if actual != digest {
+            // Corrupted cache entry: drop it so it is fetched again.
+            let _ = fs::remove_file(&p);
+            log::warn!("cached blob {digest} was corrupt (hash {actual}); removed it");
+            return Ok(None);
+        }
+        Ok(Some(bytes))
+    }
+
+    /// Store a small in-memory blob (manifest, config) after verifying it.
+    pub fn put(&self, digest: &str, bytes: &[u8]) -> Result<PathBuf, StoreError> {
+        let hex = hex_of(digest)?;
+        let actual = sha256_digest(bytes);
+        if actual != digest {
+            return Err(StoreError::DigestMismatch {
+                what: "in-memory blob".into(),
+                expected: digest.into(),
+                actual,
+                size: bytes.len() as u64,
+            });
+        }
+        let dest = self.root.join("blobs/sha256").join(hex);
+        if dest.is_file() {
+            return Ok(dest);
+        }
+        // Unique temp name: identical content, so racing writers are harmless.
+        let tmp = self.root.join("tmp").join(format!(
+            "{hex}.put.{}.{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        write_file_sync(&tmp, bytes)?;
+        fs::rename(&tmp, &dest).map_err(io_err("rename", &dest))?;
+        Ok(dest)
+    }
+
+    fn ref_path(&self, image: &ImageRef) -> PathBuf {
+        self.root.join("refs").join(escape_ref(&image.to_string()))
+    }
+
+    /// What `image` resolved to last time, if recorded.
+    pub fn load_ref(&self, image: &ImageRef) -> Option<RefRecord> {
+        let bytes = fs::read(self.ref_path(image)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Record what `image` resolved to (atomic replace).
+    pub fn save_ref(&self, image: &ImageRef, rec: &RefRecord) -> Result<(), StoreError> {
+        let dest = self.ref_path(image);
+        let tmp = dest.with_extension(format!("tmp.{}", std::process::id()));
+        let bytes = serde_json::to_vec_pretty(rec).expect("serialisable");
+        write_file_sync(&tmp, &bytes)?;
+        fs::rename(&tmp, &dest).map_err(io_err("rename", &dest))
+    }
+}
+
+fn write_file_sync(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let mut f = File::create(path).map_err(io_err("create", path))?;
+    f.write_all(bytes).map_err(io_err("write", path))?;
+    f.sync_all().map_err(io_err("fsync", path))
+}
+
+/// `sha256:<hex>` of `bytes`.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// File-name-safe form of a reference: `[A-Za-z0-9._-]` kept, everything else `%XX`.
+pub fn escape_ref(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 8);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if out.starts_with('.') {
+        out.replace_range(0..1, "%2E");
+    }
+    out
+}
+
+/// What a reference resolved to: the top-level manifest (index or image manifest) and the
+/// platform-specific image manifest chosen from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefRecord {
+    pub reference: String,
+    pub top_digest: String,
+    pub manifest_digest: String,
+}
+
+/// Writes one blob into `tmp/<hex>.partial` while hashing, then verifies and renames it into place.
+/// Holds the per-blob lock for its lifetime.
+pub struct BlobWriter {
+    digest: String,
+    expected_size: Option<u64>,
+    partial: PathBuf,
+    final_path: PathBuf,
+    file: File,
+    hasher: Sha256,
+    written: u64,
+    resumed_from: u64,
+    _lock: File,
+}
+
+impl std::fmt::Debug for BlobWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobWriter")
+            .field("digest", &self.digest)
+            .field("written", &self.written)
+            .finish()
+    }
+}
+
+impl BlobWriter {
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// Bytes already in the partial file (the `Range` start for the next request).
+    pub fn offset(&self) -> u64 {
+        self.written
+    }
+
+    /// How many bytes were found in the partial file when the writer was opened.
+    pub fn resumed_from(&self) -> u64 {
+        self.resumed_from
+    }
+
+    /// Start over (the server ignored our `Range`, or a resumed partial was bad).
+    pub fn reset(&mut self) -> Result<(), StoreError> {
+        self.file
+            .set_len(0)
+            .map_err(io_err("truncate", &self.partial))?;
+        self.file
+            .seek(SeekFrom::Start(0))
+            .map_err(io_err("seek", &self.partial))?;
+        self.hasher = Sha256::new();
+        self.written = 0;
+        self.resumed_from = 0;
+        Ok(())
+    }
+
+    /// Verify size and digest; on success fsync and rename into `blobs/sha256/<hex>` and return
+    /// the final path. On mismatch the partial file is deleted (so the next attempt starts clean).
+    pub fn finish(&mut self) -> Result<PathBuf, StoreError> {
+        let actual = format!("sha256:{}", hex::encode(self.hasher.clone().finalize()));
+        if let Some(expected) = self.expected_size {
+            if expected != self.written {
+                let actual_size = self.written;
+                self.discard();
+                return Err(StoreError::SizeMismatch {
+                    digest: self.digest.clone(),
+                    expected,
+                    actual: actual_size,
+                });
+            }
+        }
+        if actual != self.digest {
+            let size = self.written;
+            self.discard();
+            return Err(StoreError::DigestMismatch {
+                what: "blob".into(),
+                expected: self.digest.clone(),
+                actual,
+                size,
+            });
+        }
+        self.file
+            .sync_all()
+            .map_err(io_err("fsync", &self.partial))?;
+        fs::rename(&self.partial, &self.final_path).map_err(io_err("rename", &self.final_path))?;
+        Ok(self.final_path.clone())
+    }
+
+    fn discard(&mut self) {
+        let _ = fs::remove_file(&self.partial);
+        let _ = self.file.set_len(0);
+        let _ = self.file.seek(SeekFrom::Start(0));
+        self.hasher = Sha256::new();
+        self.written = 0;
+        self.resumed_from = 0;
+    }
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Pull progress, reported to the caller's callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub layers_done: usize,
+    pub layers_total: usize,
+}
+
+/// Result of a pull: the image and the verified layer files in order (base layer first).
+#[derive(Debug, Clone)]
+pub struct PulledImage {
+    pub image: ResolvedImage,
+    pub layer_paths: Vec<PathBuf>,
+    /// Layers that were already in the cache.
+    pub cached_layers: usize,
+    /// Bytes fetched from the network in this pull (layers only).
+    pub downloaded_bytes: u64,
+    /// True when the registry was unreachable and a previously stored resolution was used.
+    pub offline: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("image pull cancelled")]
+    Cancelled,
+}
+
+/// Pull `client`'s image into `store` with up to `parallelism` concurrent layer downloads.
+pub fn pull(
+    client: &RegistryClient,
+    store: &BlobStore,
+    parallelism: usize,
+    progress: impl Fn(Progress) + Sync,
+) -> Result<PulledImage, PullError> {
+    pull_cancellable(
+        client,
+        store,
+        parallelism,
+        &AtomicBool::new(false),
+        progress,
+    )
+}
+
+/// [`pull`] that stops early (with [`PullError::Cancelled`]) once `cancel` is set.
+pub fn pull_cancellable(
+    client: &RegistryClient,
+    store: &BlobStore,
+    parallelism: usize,
+    cancel: &AtomicBool,
+    progress: impl Fn(Progress) + Sync,
+) -> Result<PulledImage, PullError> {
+    let image_ref = client.image().clone();
+    let (image, offline) = resolve_cached(client, store, &image_ref)?;
+    store.save_ref(
+        &image_ref,
+        &RefRecord {
+            reference: image_ref.to_string(),
+            top_digest: image
+                .index_digest
+                .clone()
+                .unwrap_or_else(|| image.manifest_digest.clone()),
+            manifest_digest: image.manifest_digest.clone(),
+        },
+    )?;
+
+    let layers = &image.layers;
+    let bytes_total: u64 = layers.iter().map(|l| l.size).sum();
+    let mut missing: VecDeque<usize> = VecDeque::new();
+    let mut cached = 0usize;
+    let mut cached_bytes = 0u64;
+    for (i, l) in layers.iter().enumerate() {
+        if store.has(&l.digest) {
+            cached += 1;
+            cached_bytes += l.size;
+        } else if !missing.iter().any(|&j| layers[j].digest == l.digest) {
+            missing.push_back(i);
+        }
+    }
+    // A layer listed twice (same digest) is downloaded once but counted per occurrence.
+    let n_missing = missing.len();
+    let state = PullState {
+        bytes_done: AtomicU64::new(cached_bytes),
+        layers_done: AtomicUsize::new(cached),
+        layers_total: layers.len(),
+        last_report: Mutex::new(Instant::now()),
+        downloaded: AtomicU64::new(0),
+    };
+    let report = |force: bool| {
+        let mut last = state.last_report.lock().unwrap_or_else(|e| e.into_inner());
+        if force || last.elapsed() >= Duration::from_millis(500) {
+            *last = Instant::now();
+            progress(Progress {
+                bytes_done: state.bytes_done.load(Ordering::Relaxed),
+                bytes_total,
+                layers_done: state.layers_done.load(Ordering::Relaxed),
+                layers_total: state.layers_total,
+            });
+        }
+    };
+    report(true);
+
+    let queue = Mutex::new(missing);
+    let failed = AtomicBool::new(false);
+    let first_error: Mutex<Option<PullError>> = Mutex::new(None);
+    let workers = parallelism.clamp(1, 16).min(n_missing.max(1));
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                if failed.load(Ordering::Relaxed) || cancel.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Some(i) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front() else {
+                    return;
+                };
+                let desc = &layers[i];
+                match download_one(client, store, desc, &state, cancel, &failed, &report) {
+                    Ok(()) => {
+                        let n = count_of(layers, i);
+                        state.layers_done.fetch_add(n, Ordering::Relaxed);
+                        // Bytes of duplicate occurrences
+                        state
+                            .bytes_done
+                            .fetch_add(desc.size * (n as u64 - 1), Ordering::Relaxed);
+                        report(true);
+                    }
+                    Err(e) => {
+                        failed.store(true, Ordering::Relaxed);
+                        let mut slot = first_error.lock().unwrap_or_else(|e| e.into_inner());
+                        if slot.is_none() || matches!(slot.as_ref(), Some(PullError::Cancelled)) {
+                            *slot = Some(e);
+                        }
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(e);
+    }
+    if cancel.load(Ordering::Relaxed) {
+        return Err(PullError::Cancelled);
+    }
+    let mut layer_paths = Vec::with_capacity(layers.len());
+    for l in layers {
+        layer_paths.push(store.path(&l.digest)?);
+    }
+    Ok(PulledImage {
+        layer_paths,
+        cached_layers: cached,
+        downloaded_bytes: state.downloaded.load(Ordering::Relaxed),
+        image,
+        offline,
+    })
+}
+
+fn count_of(layers: &[LayerDesc], i: usize) -> usize {
+    layers
+        .iter()
+        .filter(|l| l.digest == layers[i].digest)
+        .count()
+}
+
+struct PullState {
+    bytes_done: AtomicU64,
+    layers_done: AtomicUsize,
+    layers_total: usize,
+    last_report: Mutex<Instant>,
+    downloaded: AtomicU64,
+}
+
+fn download_one(
+    client: &RegistryClient,
+    store: &BlobStore,
+    desc: &LayerDesc,
+    state: &PullState,
+    cancel: &AtomicBool,
+    failed: &AtomicBool,
+    report: &(dyn Fn(bool) + Sync),
+) -> Result<(), PullError> {
+    let Some(mut w) = store.writer(&desc.digest, Some(desc.size))? else {
+        // Another process completed it while we waited for the lock.
+        state.bytes_done.fetch_add(desc.size, Ordering::Relaxed);
+        return Ok(());
+    };
+    let resumed = w.offset();
+    state.bytes_done.fetch_add(resumed, Ordering::Relaxed);
+    let mut counted = resumed;
+    let mut on_bytes = |offset: u64| {
+        // `offset` is the writer position; it can go backwards after a reset.
+        if offset >= counted {
+            let delta = offset - counted;
+            state.bytes_done.fetch_add(delta, Ordering::Relaxed);
+            state.downloaded.fetch_add(delta, Ordering::Relaxed);
+        } else {
+            state
+                .bytes_done
+                .fetch_sub(counted - offset, Ordering::Relaxed);
+        }
+        counted = offset;
+        report(false);
+        if cancel.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    match client.fetch_blob_with_progress(desc, &mut w, &mut on_bytes) {
+        Ok(_) => Ok(()),
+        Err(RegistryError::Aborted) => {
+            state.bytes_done.fetch_sub(counted, Ordering::Relaxed);
+            Err(PullError::Cancelled)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Resolve the image using the store as a manifest cache; see the module docs for the request budget.
+fn resolve_cached(
+    client: &RegistryClient,
+    store: &BlobStore,
+    image_ref: &ImageRef,
+) -> Result<(ResolvedImage, bool), PullError> {
+    if let Some(d) = &image_ref.digest {
+        return Ok((client.resolve_manifest_cached(Some(d), store)?, false));
+    }
+    let Some(rec) = store.load_ref(image_ref) else {
+        // Cold: one GET by tag.
+        return Ok((client.resolve_manifest_cached(None, store)?, false));
+    };
+    let cached_ok = store.has(&rec.top_digest) && store.has(&rec.manifest_digest);
+    if !cached_ok {
+        return Ok((client.resolve_manifest_cached(None, store)?, false));
+    }
+    match client.head_manifest() {
+        Ok(Some(d)) => {
+            if d == rec.top_digest {
+                log::info!("{image_ref} is unchanged ({d}); using the cached manifest");
+            } else {
+                log::info!("{image_ref} moved from {} to {d}", rec.top_digest);
+            }
+            Ok((client.resolve_manifest_cached(Some(&d), store)?, false))
+        }
+        Ok(None) => Ok((client.resolve_manifest_cached(None, store)?, false)),
+        Err(e) if e.is_transient() => {
+            log::warn!(
+                "registry unreachable ({e}); using the previously pulled {image_ref} ({})",
+                rec.top_digest
+            );
+            let img = client.resolve_manifest_offline(&rec.top_digest, store)?;
+            Ok((img, true))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HELLO: &str = "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+
+    #[test]
+    fn writer_verifies_and_renames() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        assert!(!s.has(HELLO));
+        let mut w = s.writer(HELLO, Some(5)).unwrap().unwrap();
+        w.write_all(b"hel").unwrap();
+        w.write_all(b"lo").unwrap();
+        let p = w.finish().unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"hello");
+        assert!(s.has(HELLO));
+        assert!(!dir
+            .path()
+            .join(format!("tmp/{}.partial", &HELLO[7..]))
+            .exists());
+        drop(w);
+        assert!(s.writer(HELLO, Some(5)).unwrap().is_none());
+    }
+
+    #[test]
+    fn mismatch_removes_partial_and_names_both_digests() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let mut w = s.writer(HELLO, None).unwrap().unwrap();
+        w.write_all(b"world").unwrap();
+        let e = w.finish().unwrap_err().to_string();
+        assert!(e.contains(HELLO), "{e}");
+        assert!(e.contains(&sha256_digest(b"world")), "{e}");
+        assert!(!dir
+            .path()
+            .join(format!("tmp/{}.partial", &HELLO[7..]))
+            .exists());
+        assert!(!s.has(HELLO));
+        drop(w); // releases the blob lock
+                 // size mismatch
+        let mut w = s.writer(HELLO, Some(4)).unwrap().unwrap();
+        w.write_all(b"hello").unwrap();
+        assert!(matches!(w.finish(), Err(StoreError::SizeMismatch { .. })));
+    }
+
+    #[test]
+    fn partial_resumes_across_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        {
+            let mut w = s.writer(HELLO, Some(5)).unwrap().unwrap();
+            w.write_all(b"he").unwrap();
+            // dropped without finish, like a crashed process
+        }
+        let mut w = s.writer(HELLO, Some(5)).unwrap().unwrap();
+        assert_eq!(w.offset(), 2);
+        assert_eq!(w.resumed_from(), 2);
+        w.write_all(b"llo").unwrap();
+        w.finish().unwrap();
+        assert!(s.has(HELLO));
+        // an over-long partial is discarded
+        let d2 = sha256_digest(b"abc");
+        fs::write(
+            dir.path().join(format!("tmp/{}.partial", &d2[7..])),
+            b"abcdef",
+        )
+        .unwrap();
+        let w = s.writer(&d2, Some(3)).unwrap().unwrap();
+        assert_eq!(w.offset(), 0);
+    }
+
+    #[test]
+    fn concurrent_writers_download_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let data = vec![7u8; 1 << 20];
+        let digest = sha256_digest(&data);
+        let downloads = AtomicUsize::new(0);
+        std::thread::scope(|sc| {
+            for _ in 0..4 {
+                sc.spawn(|| {
+                    let s = s.clone();
+                    if let Some(mut w) = s.writer(&digest, Some(data.len() as u64)).unwrap() {
+                        downloads.fetch_add(1, Ordering::SeqCst);
+                        for chunk in data.chunks(4096) {
+                            w.write_all(chunk).unwrap();
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                        w.finish().unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(downloads.load(Ordering::SeqCst), 1);
+        assert!(s.has(&digest));
+    }
+
+    #[test]
+    fn invalid_digests_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        assert!(s.path("sha256:../../etc/passwd").is_err());
+        assert!(s.writer("md5:abc", None).is_err());
+        assert!(!s.has("sha256:.."));
+    }
+
+    #[test]
+    fn put_read_and_refs() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        assert!(s.put(HELLO, b"nope").is_err());
+        s.put(HELLO, b"hello").unwrap();
+        assert_eq!(s.read(HELLO).unwrap().unwrap(), b"hello");
+        // corrupt cache entry is dropped on read
+        fs::write(s.path(HELLO).unwrap(), b"HELLO").unwrap();
+        assert!(s.read(HELLO).unwrap().is_none());
+        assert!(!s.has(HELLO));
+
+        let r = ImageRef::parse("127.0.0.1:5001/test/busybox:1").unwrap();
+        assert!(s.load_ref(&r).is_none());
+        let rec = RefRecord {
+            reference: r.to_string(),
+            top_digest: HELLO.into(),
+            manifest_digest: HELLO.into(),
+        };
+        s.save_ref(&r, &rec).unwrap();
+        assert_eq!(s.load_ref(&r).unwrap(), rec);
+        assert_eq!(
+            escape_ref("127.0.0.1:5001/test/busybox:1"),
+            "127.0.0.1%3A5001%2Ftest%2Fbusybox%3A1"
+        );
+    }
+}
+
+#[cfg(test)]
+mod pull_tests {
+    use super::*;
+    use crate::image::auth::Credentials;
+    use crate::image::registry::test_support::*;
+
+    fn blob_gets(fake: &Fake) -> usize {
+        fake.requests()
+            .iter()
+            .filter(|r| r.path.contains("/blobs/") && r.method == "GET")
+            .count()
+    }
+
+    #[test]
+    fn cold_then_warm_pulls() {
+        let fake = Fake::start(Knobs::default());
+        let (di, dm, layers) = push_image(&fake, "v1");
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let c = client(&fake, "team/app:v1", Credentials::Anonymous);
+        let reports = Mutex::new(Vec::new());
+        let pulled = pull(&c, &store, 3, |p| reports.lock().unwrap().push(p)).unwrap();
+        assert_eq!(pulled.image.manifest_digest, dm);
+        assert_eq!(pulled.cached_layers, 0);
+        assert_eq!(
+            pulled.downloaded_bytes,
+            (layers[0].len() + layers[1].len()) as u64
+        );
+        for (p, data) in pulled.layer_paths.iter().zip(&layers) {
+            assert_eq!(&fs::read(p).unwrap(), data);
+        }
+        let reports = reports.into_inner().unwrap();
+        let last = reports.last().unwrap();
+        assert_eq!(last.bytes_done, last.bytes_total);
+        assert_eq!((last.layers_done, last.layers_total), (2, 2));
+        assert_eq!(reports[0].layers_done, 0);
+        let rec = store.load_ref(c.image()).unwrap();
+        assert_eq!(
+            (rec.top_digest.as_str(), rec.manifest_digest.as_str()),
+            (di.as_str(), dm.as_str())
+        );
+
+        // Warm start with the tag: exactly one manifest request (HEAD), nothing else.
+        fake.clear_log();
+        let again = pull(&c, &store, 3, |_| {}).unwrap();
+        assert_eq!(again.cached_layers, 2);
+        assert_eq!(again.downloaded_bytes, 0);
+        let reqs = fake.requests();
+        assert_eq!(reqs.len(), 1, "{reqs:#?}");
+        assert_eq!(reqs[0].method, "HEAD");
+
+        // Warm start by digest: no request at all.
+        fake.clear_log();
+        let cd = client(&fake, &format!("team/app@{di}"), Credentials::Anonymous);
+        let img = pull(&cd, &store, 3, |_| {}).unwrap();
+        assert_eq!(img.image.manifest_digest, dm);
+        assert!(fake.requests().is_empty(), "{:#?}", fake.requests());
+
+        // Tag moved: the new manifest is fetched by digest; unchanged layers are reused.
+        let l3 = vec![9u8; 2048];
+        let d3 = fake.add_blob(&l3);
+        let cfg = r#"{"architecture":"amd64","os":"linux","config":{"Cmd":["bash"]}}"#.to_string();
+        let dc = fake.add_blob(cfg.as_bytes());
+        let m = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":{{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"{dc}","size":{}}},"layers":[{{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","digest":"{}","size":{}}},{{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","digest":"{d3}","size":2048}}]}}"#,
+            cfg.len(),
+            digest(&layers[0]),
+            layers[0].len()
+        );
+        let dm2 = fake.add_manifest(
+            Some("v1"),
+            "application/vnd.docker.distribution.manifest.v2+json",
+            m.as_bytes(),
+        );
+        fake.clear_log();
+        let moved = pull(&c, &store, 3, |_| {}).unwrap();
+        assert_eq!(moved.image.manifest_digest, dm2);
+        assert_eq!(moved.image.index_digest, None);
+        assert_eq!(moved.image.config.cmd, Some(vec!["bash".to_string()]));
+        assert_eq!(moved.cached_layers, 1);
+        assert_eq!(moved.downloaded_bytes, 2048);
+        assert_eq!(blob_gets(&fake), 2, "config + new layer");
+
+        // Registry down: the stored resolution is used (offline).
+        fake.knobs.down.store(true, Ordering::SeqCst);
+        let off = pull(&c, &store, 3, |_| {}).unwrap();
+        assert!(off.offline);
+        assert_eq!(off.image.manifest_digest, dm2);
+        fake.knobs.down.store(false, Ordering::SeqCst);
+    }
+
+    #[test]
+    fn two_concurrent_pulls_download_each_blob_once() {
+        let fake = Fake::start(Knobs::default());
+        let (_, _, layers) = push_image(&fake, "v1");
+        let dir = tempfile::tempdir().unwrap();
+        let results: Vec<PulledImage> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..2)
+                .map(|_| {
+                    let fake = &fake;
+                    let path = dir.path();
+                    s.spawn(move || {
+                        let store = BlobStore::open(path).unwrap();
+                        let c = client(fake, "team/app:v1", Credentials::Anonymous);
+                        pull(&c, &store, 2, |_| {}).unwrap()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let total: u64 = results.iter().map(|r| r.downloaded_bytes).sum();
+        assert_eq!(total, (layers[0].len() + layers[1].len()) as u64);
+        let layer_gets = fake
+            .requests()
+            .iter()
+            .filter(|r| {
+                r.method == "GET"
+                    && (r.path.ends_with(&digest(&layers[0]))
+                        || r.path.ends_with(&digest(&layers[1])))
+            })
+            .count();
+        assert_eq!(layer_gets, 2, "{:#?}", fake.requests());
+    }
+
+    #[test]
+    fn cancelled_and_failing_pulls() {
+        let fake = Fake::start(Knobs::default());
+        let (_, _, layers) = push_image(&fake, "v1");
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let c = client(&fake, "team/app:v1", Credentials::Anonymous);
+        let cancel = AtomicBool::new(true);
+        assert!(matches!(
+            pull_cancellable(&c, &store, 3, &cancel, |_| {}),
+            Err(PullError::Cancelled)
+        ));
+        // A missing blob fails the pull with a clear error.
+        fake.blobs.lock().unwrap().remove(&digest(&layers[1]));
+        let e = pull(&c, &store, 3, |_| {}).unwrap_err().to_string();
+        assert!(
+            e.contains("not found") && e.contains(&digest(&layers[1])),
+            "{e}"
+        );
+    }
+}
+
+/// End-to-end tests against real `docker-registry` instances with TLS, htpasswd and token auth.
+/// Ignored by default. Set up (see the image-pull report for the script) and run with
+/// `ENVBOX_E2E_BASIC=127.0.0.1:5101 ENVBOX_E2E_TOKEN=127.0.0.1:5102 ENVBOX_E2E_CA=<ca.crt>
+/// cargo test -- --ignored e2e`. The image `test/img:1` must be pushed to both; user `tester`,
+/// password `s3:c~r.et`, identity token `refresh-abc` (accepted by the token issuer).
+#[cfg(test)]
+mod e2e_tests {
+    use super::*;
+    use crate::image::auth::{self, Credentials};
+    use crate::image::registry::{RegistryError, TlsRoots};
+    use base64::Engine;
+
+    fn env(name: &str) -> String {
+        std::env::var(name).unwrap_or_else(|_| panic!("{name} must be set for the e2e tests"))
+    }
+
+    fn creds_from_secret(registry: &str) -> Credentials {
+        let auth = base64::engine::general_purpose::STANDARD.encode("tester:s3:c~r.et");
+        let secret = format!(r#"{{"auths":{{"https://{registry}/v2/":{{"auth":"{auth}"}}}}}}"#);
+        let r = auth::resolve(registry, Some(&secret), Path::new("/nonexistent")).unwrap();
+        eprintln!("{}", r.description);
+        r.credentials
+    }
+
+    fn check_pull(client: &RegistryClient) -> PulledImage {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let last = Mutex::new(None);
+        let pulled = pull(client, &store, 3, |p| *last.lock().unwrap() = Some(p)).unwrap();
+        let p = last.into_inner().unwrap().unwrap();
+        assert_eq!(p.bytes_done, p.bytes_total);
+        assert_eq!(p.layers_done, pulled.image.layers.len());
+        assert!(pulled.image.layers.len() >= 2);
+        for (l, path) in pulled.image.layers.iter().zip(&pulled.layer_paths) {
+            let bytes = fs::read(path).unwrap();
+            assert_eq!(sha256_digest(&bytes), l.digest);
+            assert_eq!(bytes.len() as u64, l.size);
+        }
+        assert_eq!(pulled.image.config.cmd, Some(vec!["sh".to_string()]));
+        assert_eq!(pulled.image.config.user.as_deref(), Some("1000"));
+        // warm start: everything cached
+        let again = pull(client, &store, 3, |_| {}).unwrap();
+        assert_eq!(again.cached_layers, pulled.image.layers.len());
+        assert_eq!(again.downloaded_bytes, 0);
+        pulled
+    }
+
+    fn client(host: &str, creds: Credentials, ca: Option<&Path>, insecure: bool) -> RegistryClient {
+        let roots = TlsRoots::load(ca).unwrap();
+        let r = ImageRef::parse(&format!("{host}/test/img:1")).unwrap();
+        RegistryClient::new(r, creds, &roots, insecure)
+    }
+
+    #[test]
+    #[ignore]
+    fn e2e_htpasswd_registry() {
+        let host = env("ENVBOX_E2E_BASIC");
+        let ca = PathBuf::from(env("ENVBOX_E2E_CA"));
+        // extra certs given as a directory
+        let pulled = check_pull(&client(&host, creds_from_secret(&host), ca.parent(), false));
+        eprintln!(
+            "pulled {} layers, {} bytes",
+            pulled.image.layers.len(),
+            pulled.downloaded_bytes
+        );
+
+        // Unknown CA: fails fast, names the registry and CODER_EXTRA_CERTS_PATH.
+        let t = Instant::now();
+        let e = client(&host, creds_from_secret(&host), None, false)
+            .resolve_manifest()
+            .unwrap_err();
+        assert!(matches!(e, RegistryError::UnknownCa { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&host) && msg.contains("CODER_EXTRA_CERTS_PATH"),
+            "{msg}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(3));
+        eprintln!("unknown CA: {msg}");
+
+        // Insecure: no verification needed.
+        check_pull(&client(&host, creds_from_secret(&host), None, true));
+
+        // Wrong password / no credentials.
+        let bad = Credentials::Basic {
+            username: "tester".into(),
+            password: "wrong".into(),
+        };
+        let e = client(&host, bad, Some(&ca), false)
+            .resolve_manifest()
+            .unwrap_err();
+        assert!(matches!(e, RegistryError::AuthFailed { .. }), "{e}");
+        eprintln!("bad password: {e}");
+        let e = client(&host, Credentials::Anonymous, Some(&ca), false)
+            .resolve_manifest()
+            .unwrap_err();
+        assert!(matches!(e, RegistryError::AuthFailed { .. }), "{e}");
+
+        // Missing tag.
+        let r = ImageRef::parse(&format!("{host}/test/img:nope")).unwrap();
+        let c = RegistryClient::new(
+            r,
+            creds_from_secret(&host),
+            &TlsRoots::load(Some(&ca)).unwrap(),
+            false,
+        );
+        let e = c.resolve_manifest().unwrap_err();
+        assert!(matches!(e, RegistryError::NotFound { .. }), "{e}");
+        eprintln!("missing tag: {e}");
+    }
+
+    #[test]
+    #[ignore]
+    fn e2e_token_registry() {
+        let host = env("ENVBOX_E2E_TOKEN");
+        let ca = PathBuf::from(env("ENVBOX_E2E_CA"));
+        check_pull(&client(&host, creds_from_secret(&host), Some(&ca), false));
+        check_pull(&client(
+            &host,
+            Credentials::IdentityToken("refresh-abc".into()),
+            Some(&ca),
+            false,
+        ));
+        let e = client(&host, Credentials::Anonymous, Some(&ca), false)
+            .resolve_manifest()
+            .unwrap_err();
+        assert!(matches!(e, RegistryError::AuthFailed { .. }), "{e}");
+        eprintln!("anonymous on token registry: {e}");
+        let e = client(
+            &host,
+            Credentials::IdentityToken("bad".into()),
+            Some(&ca),
+            false,
+        )
+        .resolve_manifest()
+        .unwrap_err();
+        assert!(matches!(e, RegistryError::AuthFailed { .. }), "{e}");
+    }
+}

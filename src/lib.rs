@@ -1,0 +1,16 @@
+//! envbox as a library: one module per concern; `main.rs` sequences them.
+
+pub mod buildlog;
+pub mod bundle;
+pub mod cgroup;
+pub mod cli;
+pub mod config;
+pub mod exec;
+pub mod image;
+pub mod init;
+pub mod pid1;
+pub mod pod;
+pub mod runtime;
+pub mod secrets;
+pub mod sys;
+pub mod workspace;

@@ -1,0 +1,338 @@
+//! envbox: PID 1 of a privileged pod that runs a developer workspace as a non-privileged system
+//! container. `docker` reads as the start-up sequence; each step lives in its own module.
+
+use envbox::{
+    buildlog, bundle, cgroup, cli, config, exec, image, init, pid1, pod, runtime, secrets, sys,
+    workspace,
+};
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+use buildlog::BuildLog;
+use cli::{Cli, Command};
+use config::Config;
+use pid1::supervisor::{Supervisor, Wake};
+use sys::real::{RealKernel, RealProcessOps};
+
+/// Configuration errors: nothing was created, mounted or started.
+const EXIT_CONFIG: u8 = 2;
+const EXIT_FAILURE: u8 = 1;
+
+fn main() -> ExitCode {
+    // Before anything can spawn a thread: every thread inherits this mask.
+    if let Err(e) = pid1::signals::block_all() {
+        eprintln!("envbox: cannot block signals: {e}");
+        return ExitCode::from(EXIT_FAILURE);
+    }
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Version => {
+            println!("envbox {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::Init(a) => ExitCode::from(init::run(Duration::from_secs(a.grace)) as u8),
+        Command::Exec(a) => exec::run(&a),
+        Command::Pull(a) => pull(&a),
+        Command::Docker(a) => docker(&a),
+    }
+}
+
+fn init_logging(debug: bool) {
+    let default = if debug { "debug" } else { "info" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+        .format(|buf, record| {
+            use std::io::Write;
+            writeln!(
+                buf,
+                "{} {:5} {}: {}",
+                buildlog::rfc3339(std::time::SystemTime::now()),
+                record.level(),
+                record.target(),
+                secrets::scrub(&record.args().to_string())
+            )
+        })
+        .init();
+}
+
+fn config_error(e: &config::ConfigError) -> ExitCode {
+    eprintln!("envbox: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn pull(a: &cli::PullArgs) -> ExitCode {
+    let cfg = match config::ImageConfig::from_args(&a.image, a.reference.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    if let Some(s) = &cfg.pull_secret {
+        secrets::register(s);
+    }
+    init_logging(config::parse_bool("CODER_DEBUG", &a.debug).unwrap_or(false));
+    let log = BuildLog::stderr();
+    let say = |m: &str| log.info(m);
+    let outcome = image::pull(&cfg, &AtomicBool::new(false), &say).and_then(|o| {
+        let cache = image::rootfs::LayerCache::open(&cfg.cache_dir)?;
+        for l in image::layer_blobs(&o.pulled) {
+            cache.ensure(&l)?;
+        }
+        Ok(o)
+    });
+    match outcome {
+        Ok(o) => {
+            log.info(format!(
+                "Pulled and unpacked {} ({} MiB, {} layers) in {:.1} s",
+                cfg.reference,
+                image::total_size(&o.pulled) >> 20,
+                o.pulled.image.layers.len(),
+                o.elapsed.as_secs_f64()
+            ));
+            log.done();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            log.error(format!("Failed to pull {}: {e}", cfg.reference));
+            log.done();
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Why start-up ended early.
+enum Abort {
+    Stopped,
+    Failed(String),
+}
+
+fn docker(a: &cli::DockerArgs) -> ExitCode {
+    let cfg = match Config::from_args(a) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    for s in cfg.secrets() {
+        secrets::register(s);
+    }
+    init_logging(cfg.debug);
+    let log = Arc::new(BuildLog::stderr());
+    let sup = Supervisor::new(Arc::new(RealProcessOps));
+    match pid1::signals::SignalSource::open() {
+        Ok(src) => pid1::spawn_signal_thread(src, Arc::clone(&sup)),
+        Err(e) => return fail(&log, &format!("cannot read signals: {e}")),
+    }
+    if let Err(e) = pid1::become_subreaper() {
+        log::warn!("cannot become a child subreaper: {e}");
+    }
+    let kernel = RealKernel;
+    if let Err(e) = pod::check_privileged().and_then(|_| pod::prepare(&kernel)) {
+        return fail(&log, &e.to_string());
+    }
+    let started = Instant::now();
+    match start_workspace(&cfg, &log, &sup, &kernel) {
+        Ok(running) => {
+            log.info(format!(
+                "Workspace started in {:.1} s",
+                started.elapsed().as_secs_f64()
+            ));
+            log.done();
+            supervise(&cfg, &log, &sup, &kernel, running)
+        }
+        Err(Abort::Stopped) => {
+            log.info("Stopped before the workspace started");
+            log.done();
+            ExitCode::SUCCESS
+        }
+        Err(Abort::Failed(msg)) => fail(&log, &msg),
+    }
+}
+
+fn fail(log: &BuildLog, msg: &str) -> ExitCode {
+    log.error(format!("Failed to run envbox: {msg}"));
+    log.done();
+    buildlog::write_termination_log(msg);
+    ExitCode::from(EXIT_FAILURE)
+}
+
+struct Running {
+    ws: workspace::Workspace,
+    bootstrap: Option<workspace::Bootstrap>,
+    rootfs: image::rootfs::Rootfs,
+}
+
+fn start_workspace(
+    cfg: &Config,
+    log: &Arc<BuildLog>,
+    sup: &Arc<Supervisor>,
+    kernel: &RealKernel,
+) -> Result<Running, Abort> {
+    let failed = |e: &dyn std::fmt::Display| Abort::Failed(e.to_string());
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
+        Abort::Failed(format!("creating CODER_STATE_DIR {}: {e}", cfg.state_dir.display()))
+    })?;
+
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (icfg, l, c) = (cfg.image.clone(), Arc::clone(log), Arc::clone(&cancel));
+    let pulled = sup
+        .run_step("pull", move || image::pull(&icfg, &c, &|m| l.info(m)))
+        .map_err(|_| {
+            cancel.store(true, Ordering::SeqCst);
+            Abort::Stopped
+        })?
+        .map_err(|e| failed(&e))?;
+    let p = &pulled.pulled;
+    log.info(format!(
+        "Pulled {} ({} MiB, {} layers, {} cached) in {:.1} s",
+        cfg.image.reference,
+        image::total_size(p) >> 20,
+        p.image.layers.len(),
+        p.cached_layers,
+        pulled.elapsed.as_secs_f64()
+    ));
+
+    let t = Instant::now();
+    let (layers, cache, state) = (image::layer_blobs(p), cfg.image.cache_dir.clone(), cfg.state_dir.clone());
+    let l = Arc::clone(log);
+    let rootfs = sup
+        .run_step("unpack", move || {
+            image::rootfs::prepare(&RealKernel, &cache, &state, &layers, &|m| l.info(m))
+        })
+        .map_err(|_| Abort::Stopped)?
+        .map_err(|e| failed(&e))?;
+    log.info(format!(
+        "Prepared the root filesystem ({} layers unpacked, {} cached) in {:.1} s",
+        rootfs.unpacked_layers,
+        p.image.layers.len() - rootfs.unpacked_layers.min(p.image.layers.len()),
+        t.elapsed().as_secs_f64()
+    ));
+    let on_error = |rootfs: &image::rootfs::Rootfs| image::rootfs::release(kernel, rootfs);
+
+    let username = cfg.username.clone().unwrap_or_default();
+    let facts = image::facts::read_facts(&rootfs.path, &username).map_err(|e| {
+        on_error(&rootfs);
+        Abort::Failed(format!("{e} (image {})", cfg.image.reference))
+    })?;
+    log.info(format!(
+        "Detected workspace user {:?} (uid {}, gid {}) with home directory {:?}",
+        facts.user.name, facts.user.uid, facts.user.gid, facts.user.home
+    ));
+
+    let id = workspace::fresh_id();
+    let envbox_binary = std::env::current_exe().map_err(|e| failed(&e))?;
+    let settings = bundle::ImageSettings {
+        env: p.image.config.env.clone().unwrap_or_default(),
+        working_dir: p.image.config.working_dir.clone(),
+        stop_signal: p.image.config.stop_signal.clone(),
+    };
+    let bundle_dir = cfg.state_dir.join("bundle");
+    let bundle = bundle::prepare(
+        kernel,
+        &bundle::BundleInput {
+            config: cfg,
+            facts: &facts,
+            image: &settings,
+            rootfs: &rootfs.path,
+            dir: &bundle_dir,
+            envbox_binary: &envbox_binary,
+            container_id: &id,
+        },
+    )
+    .map_err(|e| {
+        on_error(&rootfs);
+        failed(&e)
+    })?;
+    if sup.stop_requests() > 0 {
+        on_error(&rootfs);
+        return Err(Abort::Stopped);
+    }
+
+    log.info("Creating workspace...");
+    let runtime = runtime::oci::OciRuntime::new(
+        cfg.runtime.clone(),
+        runtime::oci::OciRuntime::default_root(cfg.runtime.kind, &cfg.state_dir),
+        Arc::clone(sup),
+    );
+    let ws = workspace::Workspace::create(runtime, Arc::clone(sup), &id, &bundle, &cfg.state_dir, &facts.user)
+        .map_err(|e| {
+            on_error(&rootfs);
+            failed(&e)
+        })?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let dirs = cgroup::workspace_dirs(&cgroup::hierarchies(&mountinfo), &bundle.cgroups_path);
+    if let Err(e) = cgroup::delegate(kernel, &dirs) {
+        log::warn!("delegating the workspace's cgroups: {e}");
+    }
+    let abandon = |ws: &workspace::Workspace, rootfs: &image::rootfs::Rootfs| {
+        ws.stop(None, Instant::now() + Duration::from_secs(5), || true);
+        on_error(rootfs);
+    };
+    if sup.stop_requests() > 0 {
+        abandon(&ws, &rootfs);
+        return Err(Abort::Stopped);
+    }
+    log.info("Starting up workspace...");
+    if let Err(e) = ws.start() {
+        abandon(&ws, &rootfs);
+        return Err(failed(&e));
+    }
+    log.info("Envbox startup complete!");
+
+    let bootstrap = match &cfg.bootstrap_script {
+        Some(script) => {
+            log.info("Bootstrapping workspace...");
+            match ws.spawn_bootstrap(&facts.user, &bundle.env, script.expose(), Arc::clone(log)) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    abandon(&ws, &rootfs);
+                    return Err(failed(&e));
+                }
+            }
+        }
+        None => None,
+    };
+    Ok(Running { ws, bootstrap, rootfs })
+}
+
+/// After start-up: wait for a stop request or an unexpected exit, then stop in order.
+fn supervise(cfg: &Config, log: &BuildLog, sup: &Arc<Supervisor>, kernel: &RealKernel, mut r: Running) -> ExitCode {
+    let mut watched = vec![r.ws.pid];
+    if let Some(b) = &r.bootstrap {
+        watched.push(b.client_pid);
+    }
+    let unexpected = loop {
+        match sup.wait_event(&watched, 0, None) {
+            Wake::Stop(_) => break None,
+            Wake::Exited(pid, _, exit) if Some(pid) == r.bootstrap.as_ref().map(|b| b.client_pid) => {
+                let _ = sup.try_exit(pid);
+                log.info(format!("The bootstrap script ended ({exit})"));
+                watched.retain(|p| *p != pid);
+                r.bootstrap = None;
+            }
+            Wake::Exited(_, _, exit) => break Some(exit),
+            Wake::Timeout => continue,
+        }
+    };
+    let deadline = Instant::now() + cfg.shutdown_timeout;
+    let hurry = || sup.stop_requests() > 1;
+    if let Some(exit) = unexpected {
+        let msg = format!(
+            "the workspace's init ended unexpectedly ({exit}); its last output:\n{}",
+            r.ws.init_output.text()
+        );
+        r.ws.stop(r.bootstrap.as_ref(), deadline, hurry);
+        image::rootfs::release(kernel, &r.rootfs);
+        return fail(log, &msg);
+    }
+    let t = Instant::now();
+    let clean = r.ws.stop(r.bootstrap.as_ref(), deadline, hurry);
+    image::rootfs::release(kernel, &r.rootfs);
+    rustix::fs::sync();
+    log::info!(
+        "stopped {} in {:.2} s",
+        if clean { "cleanly" } else { "with force" },
+        t.elapsed().as_secs_f64()
+    );
+    ExitCode::SUCCESS
+}

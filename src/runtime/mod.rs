@@ -1,0 +1,3 @@
+//! Driving the OCI runtime (sysbox-runc in production, runc or crun elsewhere).
+
+pub mod oci;

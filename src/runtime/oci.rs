@@ -1,0 +1,199 @@
+//! The OCI runtime's command line (`create`, `state`, `start`, `exec`, `kill`, `delete`) for
+//! sysbox-runc, runc and crun. Each call is a child of the supervisor, its output drained, its stderr
+//! quoted in errors; secrets never go on a command line (processes are described in files).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{RuntimeChoice, RuntimeKind};
+use crate::pid1::output::{drain, Tail};
+use crate::pid1::supervisor::{Exit, Supervisor};
+
+/// A runtime call that takes longer is stuck (a hung FUSE mount, a wedged sysbox-mgr).
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot run `{command}`: {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed ({exit}): {stderr}")]
+    Failed {
+        command: String,
+        exit: Exit,
+        stderr: String,
+    },
+    #[error("`{command}` did not finish within {secs} s; it was killed")]
+    Timeout { command: String, secs: u64 },
+    #[error("`{command}` printed a state that is not JSON: {source}")]
+    State {
+        command: String,
+        source: serde_json::Error,
+    },
+    #[error("stopped while `{command}` was running")]
+    Interrupted { command: String },
+}
+
+pub struct OciRuntime {
+    pub choice: RuntimeChoice,
+    /// `--root`: where the runtime keeps container state.
+    pub root: PathBuf,
+    sup: Arc<Supervisor>,
+}
+
+impl OciRuntime {
+    pub fn new(choice: RuntimeChoice, root: PathBuf, sup: Arc<Supervisor>) -> Self {
+        OciRuntime { choice, root, sup }
+    }
+
+    /// sysbox-runc keeps its state where sysbox-mgr expects it; the others under our state dir.
+    pub fn default_root(kind: RuntimeKind, state_dir: &Path) -> PathBuf {
+        match kind {
+            RuntimeKind::SysboxRunc => PathBuf::from("/run/sysbox-runc"),
+            _ => state_dir.join("runtime"),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.choice.binary);
+        c.arg("--root").arg(&self.root);
+        c.args(args);
+        c
+    }
+
+    fn describe(&self, args: &[&str]) -> String {
+        format!("{} {}", self.choice.binary.display(), args.join(" "))
+    }
+
+    fn call(&self, args: &[&str], stdin: Stdio) -> Result<String, RuntimeError> {
+        self.call_keeping_output(args, stdin).map(|(out, _)| out)
+    }
+
+    /// Runs one call to completion: output drained, bounded in time, stderr quoted on failure. The
+    /// returned tail keeps receiving lines after the call: after `create`, the container's init holds
+    /// the pipes, and its last words explain an unexpected exit.
+    fn call_keeping_output(&self, args: &[&str], stdin: Stdio) -> Result<(String, Tail), RuntimeError> {
+        let command = self.describe(args);
+        let mut cmd = self.command(args);
+        cmd.stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = self
+            .sup
+            .spawn(args[0], &mut cmd)
+            .map_err(|source| RuntimeError::Spawn { command: command.clone(), source })?;
+        let pid = child.id() as i32;
+        let (both, err_tail) = (Tail::default(), Tail::default());
+        let stdout = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let o = stdout.clone();
+        let h_out = child.stdout.take().map(|r| {
+            let b = both.clone();
+            drain("runtime-out", r, Tail::default(), move |l| {
+                b.push(l);
+                let mut s = o.lock().unwrap_or_else(|e| e.into_inner());
+                s.push_str(l);
+                s.push('\n');
+            })
+        });
+        let verb = args[0].to_string();
+        let h_err = child.stderr.take().map(|r| {
+            let b = both.clone();
+            drain("runtime-err", r, err_tail.clone(), move |l| {
+                b.push(l);
+                log::debug!("runtime {verb}: {l}")
+            })
+        });
+        let exit = match self.sup.wait_exit(pid, Some(Instant::now() + CALL_TIMEOUT)) {
+            Some(e) => e,
+            None => {
+                let _ = self.sup.signal(pid, libc::SIGKILL);
+                return Err(RuntimeError::Timeout { command, secs: CALL_TIMEOUT.as_secs() });
+            }
+        };
+        // `create` leaves the container's init holding the pipes: never wait for their EOF there.
+        if args[0] != "create" {
+            h_out.map(|h| h.join());
+            h_err.map(|h| h.join());
+        }
+        if !exit.success() {
+            return Err(RuntimeError::Failed { command, exit, stderr: err_tail.text() });
+        }
+        let s = stdout.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Ok((s, both))
+    }
+
+    /// Returns the tail of the container init's output, which keeps filling while it runs.
+    pub fn create(&self, id: &str, bundle: &Path, pid_file: &Path) -> Result<Tail, RuntimeError> {
+        let (b, p) = (bundle.display().to_string(), pid_file.display().to_string());
+        self.call_keeping_output(&["create", "--bundle", &b, "--pid-file", &p, id], Stdio::null())
+            .map(|(_, tail)| tail)
+    }
+
+    pub fn state(&self, id: &str) -> Result<oci_spec::runtime::State, RuntimeError> {
+        let out = self.call(&["state", id], Stdio::null())?;
+        serde_json::from_str(&out).map_err(|source| RuntimeError::State {
+            command: self.describe(&["state", id]),
+            source,
+        })
+    }
+
+    pub fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        self.call(&["start", id], Stdio::null()).map(|_| ())
+    }
+
+    /// Signals by number: sysbox-runc rejects names of real-time signals such as SIGRTMIN+3.
+    pub fn kill(&self, id: &str, signal: i32) -> Result<(), RuntimeError> {
+        let s = signal.to_string();
+        self.call(&["kill", id, &s], Stdio::null()).map(|_| ())
+    }
+
+    pub fn delete(&self, id: &str, force: bool) -> Result<(), RuntimeError> {
+        if force {
+            self.call(&["delete", "--force", id], Stdio::null())
+        } else {
+            self.call(&["delete", id], Stdio::null())
+        }
+        .map(|_| ())
+    }
+
+    /// Starts `exec --process <file>` and returns the running client: it lives as long as the process
+    /// inside, so the caller drains its output and waits through the supervisor.
+    pub fn spawn_exec(
+        &self,
+        id: &str,
+        process_json: &Path,
+        pid_file: Option<&Path>,
+        tty: bool,
+        stdio: ExecStdio,
+    ) -> Result<Child, RuntimeError> {
+        let proc_arg = process_json.display().to_string();
+        let pid_arg = pid_file.map(|p| p.display().to_string());
+        let mut args = vec!["exec", "--process", &proc_arg];
+        if let Some(p) = &pid_arg {
+            args.extend(["--pid-file", p]);
+        }
+        if tty {
+            args.push("--tty");
+        }
+        args.push(id);
+        let command = self.describe(&args);
+        let mut cmd = self.command(&args);
+        match stdio {
+            ExecStdio::Piped => {
+                cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+            }
+            ExecStdio::Inherit => {}
+        }
+        self.sup
+            .spawn("exec", &mut cmd)
+            .map_err(|source| RuntimeError::Spawn { command, source })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecStdio {
+    Piped,
+    Inherit,
+}

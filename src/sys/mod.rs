@@ -1,0 +1,41 @@
+//! The kernel seam: every operation with a side effect on the pod goes through one of these narrow traits,
+//! so the logic above them is unit-tested against the recording fakes in `fake` without root, and the
+//! real implementations stay thin enough to be covered by the bats suites.
+
+use std::io;
+use std::path::Path;
+
+use crate::pid1::supervisor::Exit;
+
+#[cfg(test)]
+pub mod fake;
+pub mod real;
+
+/// Process control for the supervisor.
+pub trait ProcessOps: Send + Sync {
+    /// `waitpid(-1, WNOHANG)`: one exited child, or None when nothing (more) is waiting.
+    fn reap_any(&self) -> Option<(i32, Exit)>;
+    fn kill(&self, pid: i32, sig: i32) -> io::Result<()>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    Char,
+    Block,
+}
+
+/// File-system and mount operations on the pod.
+pub trait Kernel: Send + Sync {
+    fn mount_overlay(&self, lowers: &[&Path], upper: &Path, work: &Path, target: &Path) -> io::Result<()>;
+    fn bind_mount(&self, source: &Path, target: &Path, read_only: bool) -> io::Result<()>;
+    fn remount_read_write(&self, target: &Path) -> io::Result<()>;
+    /// Lazy-free unmount that fails loudly; `MNT_DETACH` is used only when asked for.
+    fn unmount(&self, target: &Path, detach: bool) -> io::Result<()>;
+    fn mknod(&self, path: &Path, kind: NodeKind, major: u32, minor: u32, mode: u32) -> io::Result<()>;
+    /// Non-recursive, never follows a final symlink.
+    fn chown(&self, path: &Path, uid: u32, gid: u32) -> io::Result<()>;
+    fn chmod(&self, path: &Path, mode: u32) -> io::Result<()>;
+    fn write_file(&self, path: &Path, contents: &[u8]) -> io::Result<()>;
+    fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    fn set_oom_score_adj(&self, pid: Option<i32>, score: i32) -> io::Result<()>;
+}

@@ -1,0 +1,306 @@
+//! The running workspace: created and started through the OCI runtime, its init adopted by the
+//! supervisor, the bootstrap run as the user, and the ordered stop.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use oci_spec::runtime::{LinuxCapabilitiesBuilder, Process, ProcessBuilder, UserBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::buildlog::BuildLog;
+use crate::bundle::spec::capabilities;
+use crate::bundle::{env, write_private_json, Bundle};
+use crate::image::facts::UserInfo;
+use crate::pid1::output::{drain, Tail};
+use crate::pid1::supervisor::{Exit, Supervisor};
+use crate::runtime::oci::{ExecStdio, OciRuntime, RuntimeError};
+
+pub const STATE_FILE: &str = "workspace.json";
+
+/// What `envbox exec` (and the tests) need to find the running workspace.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkspaceRecord {
+    pub id: String,
+    /// The workspace init's pid in the pod's pid namespace.
+    pub pid: i32,
+    pub runtime: String,
+    pub runtime_root: PathBuf,
+    pub bundle: PathBuf,
+    pub user: RecordedUser,
+}
+
+/// The workspace user as `envbox exec` needs it later.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecordedUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: String,
+    pub shell: String,
+    pub additional_gids: Vec<u32>,
+}
+
+impl From<&UserInfo> for RecordedUser {
+    fn from(u: &UserInfo) -> Self {
+        RecordedUser {
+            name: u.name.clone(),
+            uid: u.uid,
+            gid: u.gid,
+            home: u.home.clone(),
+            shell: u.shell.clone(),
+            additional_gids: u.additional_gids.clone(),
+        }
+    }
+}
+
+impl From<RecordedUser> for UserInfo {
+    fn from(u: RecordedUser) -> Self {
+        UserInfo {
+            name: u.name,
+            uid: u.uid,
+            gid: u.gid,
+            home: u.home,
+            shell: u.shell,
+            group: None,
+            additional_gids: u.additional_gids,
+        }
+    }
+}
+
+impl WorkspaceRecord {
+    pub fn load(state_dir: &Path) -> std::io::Result<Self> {
+        let p = state_dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&p).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("{}: {e} (is envbox running with this CODER_STATE_DIR?)", p.display()),
+            )
+        })?;
+        serde_json::from_str(&text).map_err(|e| std::io::Error::other(format!("{}: {e}", p.display())))
+    }
+}
+
+/// A fresh id per start: sysbox-mgr keeps per-id state after `delete`, and re-using an id breaks a
+/// later `create`.
+pub fn fresh_id() -> String {
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
+    format!("envbox-ws-{ms}")
+}
+
+pub struct Workspace {
+    pub id: String,
+    pub pid: i32,
+    pub init_output: Tail,
+    pub stop_signal: i32,
+    runtime: OciRuntime,
+    sup: Arc<Supervisor>,
+    state_dir: PathBuf,
+}
+
+pub struct Bootstrap {
+    /// The runtime's `exec` client, our child for as long as the script runs.
+    pub client_pid: i32,
+    /// The script's own pid in the pod's pid namespace, for the stop signal.
+    pub inner_pid: Option<i32>,
+}
+
+impl Workspace {
+    pub fn create(
+        runtime: OciRuntime,
+        sup: Arc<Supervisor>,
+        id: &str,
+        bundle: &Bundle,
+        state_dir: &Path,
+        user: &UserInfo,
+    ) -> Result<Workspace, RuntimeError> {
+        let pid_file = state_dir.join("workspace.pid");
+        let _ = std::fs::remove_file(&pid_file);
+        let init_output = runtime.create(id, &bundle.dir, &pid_file)?;
+        let pid = read_pid(&pid_file).ok_or_else(|| RuntimeError::Failed {
+            command: format!("{} create {id}", runtime.choice.binary.display()),
+            exit: Exit::Code(0),
+            stderr: format!("no pid in {}", pid_file.display()),
+        })?;
+        // The init was our grandchild; with its parent gone it is ours now.
+        sup.adopt("workspace init", pid);
+        let record = WorkspaceRecord {
+            id: id.to_string(),
+            pid,
+            runtime: runtime.choice.binary.display().to_string(),
+            runtime_root: runtime.root.clone(),
+            bundle: bundle.dir.clone(),
+            user: user.into(),
+        };
+        let p = state_dir.join(STATE_FILE);
+        if let Err(e) = write_private_json(&p, &record) {
+            log::warn!("cannot record the workspace in {}: {e}; `envbox exec` will not find it", p.display());
+        }
+        Ok(Workspace {
+            id: id.to_string(),
+            pid,
+            init_output,
+            stop_signal: bundle.stop_signal,
+            runtime,
+            sup,
+            state_dir: state_dir.to_path_buf(),
+        })
+    }
+
+    pub fn start(&self) -> Result<(), RuntimeError> {
+        self.runtime.start(&self.id)
+    }
+
+    /// Feeds the script to `/bin/sh -s` as the user, with HOME and BINARY_DIR set, and drains its
+    /// output line by line into the build log for as long as it runs.
+    pub fn spawn_bootstrap(
+        &self,
+        user: &UserInfo,
+        ws_env: &[String],
+        script: &str,
+        log: Arc<BuildLog>,
+    ) -> Result<Bootstrap, RuntimeError> {
+        let binary_dir = format!("{}/.coder", user.home.trim_end_matches('/'));
+        let mut env = ws_env.to_vec();
+        env::set(&mut env, "HOME", &user.home);
+        env::set(&mut env, "USER", &user.name);
+        env::set(&mut env, "BINARY_DIR", &binary_dir);
+        // The directory is made as the user, before the script, like the Go envbox did.
+        let args = vec![
+            "/bin/sh".to_string(),
+            "-c".into(),
+            "mkdir -p \"$BINARY_DIR\" && exec /bin/sh -s".into(),
+        ];
+        let process = process_spec(user, env, args, &user.home, false).map_err(|e| RuntimeError::Failed {
+            command: "bootstrap process".into(),
+            exit: Exit::Code(0),
+            stderr: e.to_string(),
+        })?;
+        let proc_file = self.state_dir.join("bootstrap-process.json");
+        let pid_file = self.state_dir.join("bootstrap.pid");
+        let _ = std::fs::remove_file(&pid_file);
+        write_private_json(&proc_file, &process).map_err(|e| RuntimeError::Spawn {
+            command: format!("writing {}", proc_file.display()),
+            source: e,
+        })?;
+        let mut child: Child = self
+            .runtime
+            .spawn_exec(&self.id, &proc_file, Some(&pid_file), false, ExecStdio::Piped)?;
+        let client_pid = child.id() as i32;
+        if let Some(mut stdin) = child.stdin.take() {
+            let script = script.to_string();
+            // A writer thread, so a script larger than the pipe buffer cannot block start-up.
+            std::thread::spawn(move || {
+                let _ = stdin.write_all(script.as_bytes());
+            });
+        }
+        for (name, pipe) in [
+            ("bootstrap-out", child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>)),
+            ("bootstrap-err", child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>)),
+        ] {
+            if let Some(p) = pipe {
+                let log = Arc::clone(&log);
+                drain(name, p, Tail::default(), move |l| log.info(l));
+            }
+        }
+        // The pid file appears once the process runs inside; it is only needed at stop time.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut inner_pid = None;
+        while Instant::now() < deadline {
+            inner_pid = read_pid(&pid_file);
+            if inner_pid.is_some() || self.sup.has_exited(client_pid) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(Bootstrap { client_pid, inner_pid })
+    }
+
+    /// The ordered stop: the agent first (its shutdown scripts), then the workspace's PID 1 with its
+    /// stop signal, SIGKILL at the deadline, then `delete`. Returns whether everything stopped
+    /// without force.
+    pub fn stop(&self, bootstrap: Option<&Bootstrap>, deadline: Instant, hurry: impl Fn() -> bool) -> bool {
+        let mut clean = true;
+        let total = deadline.saturating_duration_since(Instant::now());
+        // The agent may use up to half of the budget; the workspace gets the rest.
+        if let Some(b) = bootstrap {
+            let agent_deadline = Instant::now() + total / 2;
+            if let Some(p) = b.inner_pid {
+                signal_pid(p, libc::SIGTERM);
+            }
+            let _ = self.sup.signal(b.client_pid, libc::SIGTERM);
+            if self.sup.wait_exit(b.client_pid, Some(agent_deadline)).is_none() {
+                log::warn!("the bootstrap did not stop within {:?}", total / 2);
+                clean = false;
+            }
+        }
+        if !hurry() {
+            if let Err(e) = self.runtime.kill(&self.id, self.stop_signal) {
+                log::warn!("sending the stop signal to the workspace: {e}");
+            }
+            // Keep a second for the kill and delete after the deadline's SIGKILL.
+            let wait_until = deadline.checked_sub(Duration::from_secs(1)).unwrap_or(deadline);
+            let mut exited = false;
+            while !exited && Instant::now() < wait_until && !hurry() {
+                let step = (Instant::now() + Duration::from_millis(100)).min(wait_until);
+                exited = self.sup.wait_exit(self.pid, Some(step)).is_some();
+            }
+            if !exited {
+                log::warn!("the workspace did not stop in time; killing it");
+                clean = false;
+            }
+        }
+        if self.sup.try_exit(self.pid).is_none() {
+            let _ = self.runtime.kill(&self.id, libc::SIGKILL);
+            let _ = self.sup.wait_exit(self.pid, Some(Instant::now() + Duration::from_secs(2)));
+        }
+        if let Err(e) = self.runtime.delete(&self.id, true) {
+            log::warn!("deleting the workspace container: {e}");
+            clean = false;
+        }
+        let _ = std::fs::remove_file(self.state_dir.join(STATE_FILE));
+        clean
+    }
+}
+
+fn signal_pid(pid: i32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(pid, sig) };
+}
+
+fn read_pid(p: &Path) -> Option<i32> {
+    std::fs::read_to_string(p).ok()?.trim().parse().ok().filter(|&n: &i32| n > 0)
+}
+
+/// A process description for `exec --process`: the workspace's environment, the user's ids, the full
+/// capability bounding set (so setuid `sudo` works) but no effective capabilities for a non-root user.
+pub fn process_spec(
+    user: &UserInfo,
+    env: Vec<String>,
+    args: Vec<String>,
+    cwd: &str,
+    terminal: bool,
+) -> Result<Process, crate::bundle::spec::SpecError> {
+    let caps = capabilities()?;
+    let mut c = LinuxCapabilitiesBuilder::default().bounding(caps.clone());
+    if user.uid == 0 {
+        c = c.effective(caps.clone()).permitted(caps);
+    }
+    Ok(ProcessBuilder::default()
+        .terminal(terminal)
+        .user(
+            UserBuilder::default()
+                .uid(user.uid)
+                .gid(user.gid)
+                .additional_gids(user.additional_gids.clone())
+                .build()?,
+        )
+        .args(args)
+        .env(env)
+        .cwd(cwd)
+        .no_new_privileges(false)
+        .capabilities(c.build()?)
+        .build()?)
+}

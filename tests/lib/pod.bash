@@ -1,0 +1,417 @@
+# shellcheck shell=bash
+# Pod simulation: boots the real envbox binary the way Kubernetes would start a privileged pod, as PID 1 of
+# fresh pid/mount/uts/ipc/cgroup namespaces inside a network namespace with an `eth0`.
+#
+#   pod_create NAME            netns ebxpod-NAME-$$ with eth0 (veth into the upstream ns), POD_DIR with volumes
+#   pod_start NAME [VAR=v|-VAR ...]   envbox as the pod's PID 1; VAR=v overrides/adds, -VAR drops a default
+#   pod_wait_ready [timeout]   until a {"type":"done"} line (fails on {"type":"error"} or exit)
+#   pod_exec CMD...            CMD in the pod's namespaces
+#   pod_workspace_pid          workspace init pid in the pod's pid ns (from state/workspace.json)
+#   pod_ws CMD...              CMD in the workspace's namespaces
+#   pod_stop [SIGNAL] [timeout]  signal PID 1 and wait: POD_EXIT_STATUS, POD_STOP_SECONDS
+#   pod_destroy                kill, unmount, delete netns, cgroups, runc state and dirs (bats teardown)
+#
+# State is kept in exported POD_* variables (so a pod made in setup_file is usable from the tests) and in
+# a slot record under $EBX_WORLD_DIR/slots/<k>, which lets world_stop clean up pods a crashed test left.
+# One pod at a time per shell. Do not call pod_start/pod_stop through bats' `run`: they set variables.
+
+# shellcheck source=tests/lib/common.bash
+. "$(dirname "${BASH_SOURCE[0]}")/common.bash"
+
+POD_PATH_DEFAULT=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# 198.51.100.0/24 is cut into /30s; slot k uses .4k+1 (upstream side) and .4k+2 (pod eth0).
+POD_MAX_SLOT=62
+
+# Claims the lowest free /30 slot of the world; mkdir is atomic, so concurrent pods never share one.
+pod_claim_slot() {
+  local k
+  for ((k = 1; k <= POD_MAX_SLOT; k++)); do
+    if mkdir "$EBX_WORLD_DIR/slots/$k" 2>/dev/null; then
+      printf '%s\n' "$k"
+      return 0
+    fi
+  done
+  ebx_die "no free pod slot (all $POD_MAX_SLOT /30 networks in use)"
+}
+
+# Prints "mountpoint fstype superoptions cgrouppath" for each cgroup hierarchy the caller is in, so that a
+# pod cgroup can be made under the caller's own cgroup in each hierarchy (as kubelet nests pods).
+pod_cgroup_hierarchies() {
+  awk '
+    NR == FNR { split($0, f, ":"); path[f[2]] = substr($0, length(f[1]) + length(f[2]) + 3); next }
+    {
+      for (i = 7; $i != "-"; i++) {}
+      fstype = $(i + 1); super = $(i + 3)
+      if (fstype == "cgroup2") { if ("" in path) print $5, fstype, super, path[""]; next }
+      if (fstype != "cgroup") next
+      for (c in path) {
+        if (c == "") continue
+        n = split(c, want, ","); ok = 1
+        for (j = 1; j <= n; j++) if (("," super ",") !~ ("," want[j] ",")) ok = 0
+        if (ok) { print $5, fstype, super, path[c]; break }
+      }
+    }' /proc/self/cgroup /proc/self/mountinfo
+}
+
+# Creates the pod's cgroup in every hierarchy and records the dirs (one per line) in the slot record.
+pod_make_cgroups() {
+  local mp fstype super path dir
+  : >"$POD_SLOT_DIR/cgroups"
+  : >"$POD_SLOT_DIR/hierarchies"
+  while read -r mp fstype super path; do
+    dir=$mp${path%/}/$POD_NS
+    mkdir "$dir"
+    echo "$dir" >>"$POD_SLOT_DIR/cgroups"
+    echo "$mp $fstype $super" >>"$POD_SLOT_DIR/hierarchies"
+    # A v1 cpuset cgroup starts with no cpus/mems and refuses tasks until they are copied from the parent.
+    if [[ -f $dir/cpuset.cpus && -z $(<"$dir/cpuset.cpus") ]]; then
+      cat "$(dirname "$dir")/cpuset.cpus" >"$dir/cpuset.cpus"
+      cat "$(dirname "$dir")/cpuset.mems" >"$dir/cpuset.mems"
+    fi
+  done < <(pod_cgroup_hierarchies)
+}
+
+pod_create() {
+  local name=${1:?usage: pod_create NAME}
+  [[ -n ${EBX_WORLD_DIR:-} && -n ${EBX_UPSTREAM_NS:-} ]] || ebx_die "pod_create: no test world (EBX_WORLD_DIR unset)"
+  [[ -z ${POD_NAME:-} ]] || ebx_die "pod_create: pod $POD_NAME still exists in this shell"
+  local k up_ip pod_ip
+  k=$(pod_claim_slot)
+  POD_SLOT_DIR=$EBX_WORLD_DIR/slots/$k
+  POD_NAME=$name
+  POD_NS=ebxpod-$name-$$
+  POD_DIR=$(mktemp -d "$EBX_WORLD_DIR/pods/$name.XXXXXX")
+  chmod 755 "$POD_DIR"
+  mkdir -p "$POD_DIR"/{cache,state,volumes/home,volumes/var-lib-coder}
+  POD_VOLUMES=$POD_DIR/volumes/var-lib-coder:/var/lib/coder
+  POD_PID="" POD_RUNNER_PID="" POD_EXIT_STATUS="" POD_STOP_SECONDS=""
+  export POD_NAME POD_NS POD_DIR POD_SLOT_DIR POD_VOLUMES POD_PID POD_RUNNER_PID POD_EXIT_STATUS POD_STOP_SECONDS
+  # The slot record is what pod_destroy (and world_stop, for crashed tests) cleans up from.
+  echo "$POD_NS" >"$POD_SLOT_DIR/ns"
+  echo "$POD_DIR" >"$POD_SLOT_DIR/dir"
+
+  up_ip=198.51.100.$((4 * k + 1))
+  pod_ip=198.51.100.$((4 * k + 2))
+  ip netns add "$POD_NS"
+  ip -n "$POD_NS" link set lo up
+  ip link add eth0 netns "$POD_NS" type veth peer name "ebxv$k" netns "$EBX_UPSTREAM_NS"
+  ip -n "$EBX_UPSTREAM_NS" addr add "$up_ip/30" dev "ebxv$k"
+  ip -n "$EBX_UPSTREAM_NS" link set "ebxv$k" up
+  ip -n "$POD_NS" addr add "$pod_ip/30" dev eth0
+  ip -n "$POD_NS" link set eth0 up
+  ip -n "$POD_NS" route add default via "$up_ip"
+  pod_make_cgroups
+}
+
+# Writes the pod's init wrapper: it runs as PID 1 of the new namespaces, gives the pod the view a
+# container runtime would (its own cgroup as the root of /sys/fs/cgroup, volumes bind-mounted, hostname),
+# then execs its arguments (env -i ... envbox docker), so envbox keeps PID 1.
+pod_write_init() {
+  local init=$POD_DIR/pod-init.sh mp fstype super link vol
+  {
+    echo '#!/bin/sh'
+    echo 'set -e'
+    echo 'mount -t tmpfs -o mode=755,nosuid,nodev,noexec cgroup-view /sys/fs/cgroup'
+    while read -r mp fstype super; do
+      echo "mkdir -p '$mp'"
+      if [[ $fstype == cgroup2 ]]; then
+        echo "mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 '$mp'"
+      else
+        echo "mount -t cgroup -o 'nosuid,nodev,noexec,$super' cgroup '$mp'"
+      fi
+    done <"$POD_SLOT_DIR/hierarchies"
+    # Aliases such as cpu,cpuacct -> cpu live as symlinks next to the mounts.
+    for link in /sys/fs/cgroup/*; do
+      [[ -L $link ]] && echo "ln -s '$(readlink "$link")' '$link'"
+    done
+    local IFS=,
+    for vol in $POD_VOLUMES; do
+      echo "mount --bind '${vol%%:*}' '${vol#*:}'"
+    done
+    echo "hostname '$POD_NAME'"
+    echo 'exec "$@"'
+  } >"$init"
+}
+
+# Host mountpoints the pod's volumes need; made only when missing and recorded so pod_destroy removes them.
+pod_make_mountpoints() {
+  local vol dst IFS=,
+  for vol in $POD_VOLUMES; do
+    dst=${vol#*:}
+    if [[ ! -e $dst ]]; then
+      mkdir -p "$dst"
+      echo "$dst" >>"$POD_SLOT_DIR/created-mountpoints"
+    fi
+  done
+}
+
+pod_start() {
+  local name=${1:?usage: pod_start NAME [VAR=value|-VAR ...]}
+  shift
+  [[ $name == "${POD_NAME:-}" ]] || ebx_die "pod_start: no pod $name (pod_create it first)"
+  [[ -x $ENVBOX_BIN ]] || ebx_die "pod_start: ENVBOX_BIN=$ENVBOX_BIN is not executable"
+  local -A vars=(
+    [CODER_INNER_IMAGE]=$EBX_REGISTRY/test/busybox:1
+    [CODER_IMAGE_PULL_SECRET]=$EBX_PULL_SECRET
+    [CODER_EXTRA_CERTS_PATH]=$EBX_REG_CA
+    [CODER_RUNTIME]=runc
+    [CODER_CACHE_DIR]=$POD_DIR/cache
+    [CODER_STATE_DIR]=$POD_DIR/state
+    [CODER_INNER_USERNAME]=coder
+    [CODER_MOUNTS]=$POD_DIR/volumes/home:/home/coder
+    [PATH]=$POD_PATH_DEFAULT
+  )
+  local arg envv=()
+  for arg in "$@"; do
+    case $arg in
+      -*) unset "vars[${arg#-}]" ;;
+      *=*) vars[${arg%%=*}]=${arg#*=} ;;
+      *) ebx_die "pod_start: expected VAR=value or -VAR, got '$arg'" ;;
+    esac
+  done
+  for arg in "${!vars[@]}"; do envv+=("$arg=${vars[$arg]}"); done
+
+  pod_write_init
+  pod_make_mountpoints
+  rm -f "$POD_DIR/exit-status"
+  # The runner joins the pod cgroups, then becomes unshare (nsenter execs it), whose --fork child is the
+  # wrapper and then envbox. It records the exit status, which is envbox's (unshare relays it). fd 3 is
+  # closed so bats does not wait for the pod's output.
+  (
+    while read -r dir; do echo "$BASHPID" >"$dir/cgroup.procs"; done <"$POD_SLOT_DIR/cgroups"
+    rc=0
+    nsenter --net="/run/netns/$POD_NS" \
+      unshare --pid --fork --mount --uts --ipc --cgroup --mount-proc --propagation private \
+      sh "$POD_DIR/pod-init.sh" env -i "${envv[@]}" "$ENVBOX_BIN" docker || rc=$?
+    echo "$rc" >"$POD_DIR/exit-status"
+  ) </dev/null >>"$POD_DIR/envbox.log" 2>&1 3>&- &
+  POD_RUNNER_PID=$!
+  echo "$POD_RUNNER_PID" >"$POD_SLOT_DIR/runner-pid"
+
+  local unshare_pid
+  ebx_wait_for 10 pod_child_of "$POD_RUNNER_PID" unshare_pid || ebx_die "pod_start: unshare did not start"
+  ebx_wait_for 10 pod_child_of "$unshare_pid" POD_PID || {
+    cat "$POD_DIR/envbox.log" >&2
+    ebx_die "pod_start: the pod's PID 1 did not start"
+  }
+  echo "$POD_PID" >"$POD_SLOT_DIR/pid"
+  export POD_PID POD_RUNNER_PID
+  # Return once the wrapper has exec'd envbox (or already finished), so pod_exec sees the final mounts.
+  ebx_wait_for 10 pod_pid1_is_envbox || true
+}
+
+# pod_child_of PID VAR: stores the first child of PID in VAR; fails while PID has none.
+pod_child_of() {
+  local children
+  children=$(cat /proc/"$1"/task/*/children 2>/dev/null) || return 1
+  [[ -n $children ]] || return 1
+  printf -v "$2" '%s' "${children%% *}"
+}
+
+# True once PID 1 runs envbox: its argv no longer starts with the wrapper's sh or env -i (argv is checked
+# rather than /proc/PID/exe so that a script standing in for envbox works too).
+pod_pid1_is_envbox() {
+  [[ -f $POD_DIR/exit-status ]] && return 0
+  local argv=()
+  mapfile -d '' -t argv <"/proc/$POD_PID/cmdline" 2>/dev/null || return 1
+  ((${#argv[@]})) && [[ ${argv[0]} != sh && ${argv[0]} != env && " ${argv[*]} " == *" $ENVBOX_BIN "* ]]
+}
+
+pod_running() {
+  [[ -n ${POD_DIR:-} && ! -f $POD_DIR/exit-status ]]
+}
+
+# Prints the build-log JSON lines of the given type from the pod's log (operator lines are skipped).
+pod_log_lines() {
+  jq -cR --arg type "$1" 'fromjson? | objects | select(.type? == $type)' "$POD_DIR/envbox.log"
+}
+
+pod_print_log() {
+  echo "---- $POD_DIR/envbox.log ----" >&2
+  cat "$POD_DIR/envbox.log" >&2 || true
+  echo "---- end of log ----" >&2
+}
+
+pod_wait_ready() {
+  local timeout=${1:-120} deadline
+  deadline=$((SECONDS + timeout))
+  while :; do
+    if [[ -n $(pod_log_lines error) ]]; then
+      echo "pod_wait_ready: envbox reported an error" >&2
+      pod_print_log
+      return 1
+    fi
+    if [[ -n $(pod_log_lines "done") ]]; then
+      return 0
+    fi
+    if [[ -f $POD_DIR/exit-status ]]; then
+      echo "pod_wait_ready: envbox exited with status $(<"$POD_DIR/exit-status") before it was ready" >&2
+      pod_print_log
+      return 1
+    fi
+    if ((SECONDS >= deadline)); then
+      echo "pod_wait_ready: no done line within ${timeout}s" >&2
+      pod_print_log
+      return 1
+    fi
+    sleep 0.2
+  done
+}
+
+pod_exec() {
+  nsenter -t "$POD_PID" -a "$@"
+}
+
+pod_workspace_pid() {
+  local file=$POD_DIR/state/workspace.json
+  [[ -f $file ]] || { echo "pod_workspace_pid: $file does not exist" >&2; return 1; }
+  jq -er '.pid' "$file"
+}
+
+# Runs CMD in the workspace: enter the pod first (the pid in workspace.json is in the pod's pid ns), then
+# every namespace of the workspace's init, including its user namespace.
+pod_ws() {
+  local ws
+  ws=$(pod_workspace_pid) || return 1
+  pod_exec nsenter -t "$ws" -a "$@"
+}
+
+# Prints the host pids of PID's descendants, depth first.
+pod_descendants() {
+  local child
+  # shellcheck disable=SC2013 # the children files are space-separated pid lists
+  for child in $(cat /proc/"$1"/task/*/children 2>/dev/null); do
+    echo "$child"
+    pod_descendants "$child"
+  done
+}
+
+# Host pid of the pod process whose pid in the pod's pid namespace is NSPID.
+pod_host_pid() {
+  local nspid=$1 pid
+  for pid in $(pod_descendants "$POD_PID"); do
+    if [[ $(awk '$1 == "NSpid:" {print $3}' "/proc/$pid/status" 2>/dev/null) == "$nspid" ]]; then
+      echo "$pid"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# Identity of a process that survives pid reuse: "pid:starttime".
+pod_proc_identity() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  # Fields after "comm)" start at field 3; starttime is field 22.
+  awk -v pid="$1" '{print pid ":" $20}' <<<"$stat"
+}
+
+# Prints identities of every process in the workspace's pid namespace (its init, the bootstrap and anything
+# exec'd into it), by host pid. Processes exec'd in are not descendants of the init, hence the ns match.
+pod_workspace_processes() {
+  local ws host ns proc
+  ws=$(pod_workspace_pid) || return 1
+  host=$(pod_host_pid "$ws") || return 1
+  ns=$(readlink "/proc/$host/ns/pid") || return 1
+  for proc in /proc/[0-9]*; do
+    [[ $(readlink "$proc/ns/pid" 2>/dev/null) == "$ns" ]] && pod_proc_identity "${proc#/proc/}"
+  done
+  return 0
+}
+
+# Succeeds when a process recorded by pod_proc_identity still exists.
+pod_proc_alive() {
+  local pid=${1%%:*}
+  [[ $(pod_proc_identity "$pid" 2>/dev/null) == "$1" ]]
+}
+
+pod_stop() {
+  local signal=${1:-TERM} timeout=${2:-60} t0 t1
+  [[ -n ${POD_PID:-} ]] || ebx_die "pod_stop: pod not started"
+  t0=$(date +%s.%N)
+  kill -s "$signal" "$POD_PID"
+  if ! ebx_wait_for "$timeout" test -f "$POD_DIR/exit-status"; then
+    echo "pod_stop: envbox did not exit within ${timeout}s of SIG$signal" >&2
+    return 1
+  fi
+  t1=$(date +%s.%N)
+  POD_EXIT_STATUS=$(<"$POD_DIR/exit-status")
+  POD_STOP_SECONDS=$(echo "$t1 - $t0" | bc)
+  export POD_EXIT_STATUS POD_STOP_SECONDS
+}
+
+# Cleans up everything a pod slot recorded. Used by pod_destroy and by world_stop for pods of crashed
+# tests. Returns non-zero (after doing all it can) if something could not be removed.
+pod_destroy_slot() {
+  local slot=$1 ns dir pid runner mp rc=0 wsjson rroot id
+  [[ -d $slot ]] || return 0
+  ns=$(cat "$slot/ns" 2>/dev/null || true)
+  dir=$(cat "$slot/dir" 2>/dev/null || true)
+
+  # PID 1 dying takes the whole pid namespace (and nested ones) with it.
+  pid=$(cat "$slot/pid" 2>/dev/null || true)
+  if [[ -n $pid && -d /proc/$pid ]]; then
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  runner=$(cat "$slot/runner-pid" 2>/dev/null || true)
+  if [[ -n $runner ]]; then
+    ebx_wait_for 10 test ! -d "/proc/$runner" || { echo "pod runner $runner did not exit" >&2; rc=1; }
+    wait "$runner" 2>/dev/null || true
+  fi
+  # Processes that entered the netns from outside (pod_exec leftovers) are not in the pid namespace.
+  if [[ -n $ns && -e /run/netns/$ns ]]; then
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+  fi
+
+  # Mounts live in the pod's private mount namespace and die with it; this catches any that leaked.
+  if [[ -n $dir ]]; then
+    while read -r mp; do
+      umount "$mp" 2>/dev/null || { echo "could not unmount $mp" >&2; rc=1; }
+    done < <(awk -v d="$dir/" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo | sort -r)
+  fi
+
+  # runc keeps container state under its root; the container is gone with the pod, so only the state dir
+  # is left. Removing it directly avoids `runc delete` acting on cgroup paths of the pod's view.
+  wsjson=$dir/state/workspace.json
+  if [[ -n $dir && -f $wsjson ]]; then
+    rroot=$(jq -r '.runtime_root // empty' "$wsjson" 2>/dev/null || true)
+    id=$(jq -r '.id // empty' "$wsjson" 2>/dev/null || true)
+    if [[ -n $rroot && -n $id && -f $rroot/$id/state.json ]]; then
+      rm -rf "${rroot:?}/${id:?}"
+      rmdir "$rroot" 2>/dev/null || true
+    fi
+  fi
+
+  # Cgroups: the pod's cgroup and whatever the runtime made below it, deepest first.
+  if [[ -f $slot/cgroups ]]; then
+    while read -r mp; do
+      [[ -d $mp ]] || continue
+      ebx_wait_for 5 pod_remove_cgroup_tree "$mp" || { echo "could not remove cgroup $mp" >&2; rc=1; }
+    done <"$slot/cgroups"
+  fi
+
+  if [[ -n $ns && -e /run/netns/$ns ]]; then
+    ip netns del "$ns" || rc=1
+  fi
+  if [[ -f $slot/created-mountpoints ]]; then
+    while read -r mp; do rmdir "$mp" 2>/dev/null || true; done <"$slot/created-mountpoints"
+  fi
+  [[ -n $dir ]] && rm -rf "$dir"
+  rm -rf "$slot"
+  return "$rc"
+}
+
+# rmdir a cgroup tree bottom-up; fails while a cgroup still has tasks (they may be exiting).
+pod_remove_cgroup_tree() {
+  find "$1" -depth -type d -exec rmdir {} + 2>/dev/null
+  [[ ! -d $1 ]]
+}
+
+pod_destroy() {
+  [[ -n ${POD_SLOT_DIR:-} ]] || return 0
+  local rc=0
+  pod_destroy_slot "$POD_SLOT_DIR" || rc=$?
+  unset POD_NAME POD_NS POD_DIR POD_SLOT_DIR POD_VOLUMES POD_PID POD_RUNNER_PID
+  return "$rc"
+}

@@ -1,0 +1,189 @@
+# shellcheck shell=bash
+# The test world: an "upstream" network namespace holding the registry host 203.0.113.1, a TLS + htpasswd
+# docker-registry listening there, and the test images pushed into it. Started once per scripts/test run
+# (world_start), described to bats through exported EBX_* variables, torn down by world_stop.
+#
+# Nothing here touches the machine's own interfaces: the registry is reachable only from namespaces the
+# harness creates (pods get a veth into the upstream namespace, see pod.bash).
+
+# shellcheck source=tests/lib/common.bash
+. "$(dirname "${BASH_SOURCE[0]}")/common.bash"
+# shellcheck source=tests/lib/pod.bash
+. "$(dirname "${BASH_SOURCE[0]}")/pod.bash"
+
+EBX_REGISTRY_ADDR=203.0.113.1
+EBX_REGISTRY_PORT=5000
+EBX_IMAGES_DIR=$EBX_REPO_ROOT/tests/images
+
+# Runs CMD... inside the upstream namespace. nsenter --net (not `ip netns exec`) keeps the caller's /sys.
+world_in_upstream() {
+  nsenter --net="/run/netns/$EBX_UPSTREAM_NS" "$@"
+}
+
+# Removes namespaces left by harness runs that died without tearing down (their owner pid is gone).
+# Names end in -<pid of the owning shell>; only namespaces whose owner no longer exists are touched.
+world_reap_stale() {
+  local ns owner pid
+  for ns in $(ip netns list | awk '$1 ~ /^ebx(up|pod)-/ {print $1}'); do
+    owner=${ns##*-}
+    [[ $owner =~ ^[0-9]+$ ]] || continue
+    [[ -d /proc/$owner ]] && continue
+    ebx_log "removing stale namespace $ns (owner pid $owner is gone)"
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+    ip netns del "$ns" 2>/dev/null || true
+  done
+}
+
+# Prints the OCI layout dir of a cached test image, building it first when the cache has no build of the
+# current script. The cache key is the hash of the build script, so editing it rebuilds.
+# Usage: world_cached_image NAME BUILD_SCRIPT [ARGS...]
+world_cached_image() {
+  local name=$1 script=$2 key layout tmp
+  shift 2
+  key=$(sha256sum "$script" | cut -c1-16)
+  layout=$EBX_CACHE_ROOT/images/$name-$key
+  mkdir -p "$EBX_CACHE_ROOT/images"
+  (
+    # One builder at a time per cache, so parallel runs neither race nor build twice.
+    flock 9
+    if [[ ! -f $layout/index.json ]]; then
+      ebx_log "building image $name (cache key $key)"
+      tmp=$EBX_CACHE_ROOT/images/.tmp-$name-$$
+      rm -rf "$tmp"
+      bash "$script" "$tmp" "$@" >&2
+      # Older builds of the same image are dead weight once the new one is in place.
+      find "$EBX_CACHE_ROOT/images" -mindepth 1 -maxdepth 1 -name "$name-*" -exec rm -rf {} +
+      mv "$tmp" "$layout"
+    fi
+  ) 9>"$EBX_CACHE_ROOT/images/.lock"
+  printf '%s\n' "$layout"
+}
+
+# Pushes the "img" tag of an OCI layout to the world's registry as REPO:TAG.
+world_push_image() {
+  local layout=$1 ref=$2
+  world_in_upstream skopeo copy -q --dest-creds "$EBX_REG_USER:$EBX_REG_PASS" \
+    --dest-cert-dir "$EBX_WORLD_DIR/registry/certdir" \
+    "oci:$layout:img" "docker://127.0.0.1:$EBX_REGISTRY_PORT/$ref" </dev/null >&2
+}
+
+world_registry_answers() {
+  local code
+  code=$(world_in_upstream curl -s -o /dev/null -w '%{http_code}' --cacert "$EBX_REG_CA" \
+    "https://127.0.0.1:$EBX_REGISTRY_PORT/v2/" 2>/dev/null) || return 1
+  [[ $code == 401 ]]
+}
+
+world_write_registry_config() {
+  local dir=$1
+  mkdir -p "$dir"/{certs,data,certdir}
+  openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=$EBX_REGISTRY_ADDR" \
+    -keyout "$dir/certs/domain.key" -out "$dir/certs/domain.crt" \
+    -addext "subjectAltName=IP:$EBX_REGISTRY_ADDR,IP:127.0.0.1,DNS:localhost" 2>/dev/null
+  # skopeo --cert-dir takes every *.crt in the directory as a CA.
+  cp "$dir/certs/domain.crt" "$dir/certdir/ca.crt"
+  htpasswd -Bbn "$EBX_REG_USER" "$EBX_REG_PASS" >"$dir/htpasswd"
+  cat >"$dir/config.yml" <<EOF
+version: 0.1
+log:
+  level: info
+storage:
+  filesystem:
+    rootdirectory: $dir/data
+  delete:
+    enabled: true
+http:
+  addr: 0.0.0.0:$EBX_REGISTRY_PORT
+  secret: envbox-test-only
+  tls:
+    certificate: $dir/certs/domain.crt
+    key: $dir/certs/domain.key
+auth:
+  htpasswd:
+    realm: envbox-test
+    path: $dir/htpasswd
+EOF
+}
+
+# Starts the world and exports its description. Idempotent within one shell: a second call is a no-op.
+world_start() {
+  [[ -n ${EBX_WORLD_DIR:-} && -d ${EBX_WORLD_DIR:-/nonexistent} ]] && return 0
+  [[ -x ${ENVBOX_BIN:-} ]] || ENVBOX_BIN=$EBX_REPO_ROOT/target/release/envbox
+  world_reap_stale
+
+  EBX_WORLD_DIR=$(mktemp -d "${TMPDIR:-/tmp}/ebx-world.XXXXXX")
+  # Bundles under pod dirs must be traversable by the workspace's uid 100000.
+  chmod 755 "$EBX_WORLD_DIR"
+  mkdir -p "$EBX_WORLD_DIR"/{pods,slots}
+  EBX_UPSTREAM_NS=ebxup-$$
+  EBX_REGISTRY=$EBX_REGISTRY_ADDR:$EBX_REGISTRY_PORT
+  EBX_REG_USER=tester
+  EBX_REG_PASS=s3cret
+  EBX_REG_CA=$EBX_WORLD_DIR/registry/certs/domain.crt
+  EBX_PULL_SECRET=$(jq -cn --arg reg "$EBX_REGISTRY" --arg auth "$(printf '%s:%s' "$EBX_REG_USER" "$EBX_REG_PASS" | base64 -w0)" \
+    '{auths: {($reg): {auth: $auth}}}')
+  export EBX_WORLD_DIR EBX_UPSTREAM_NS EBX_REGISTRY EBX_REG_USER EBX_REG_PASS EBX_REG_CA EBX_PULL_SECRET
+  export ENVBOX_BIN EBX_CACHE_ROOT
+
+  ebx_log "world: namespace $EBX_UPSTREAM_NS, dir $EBX_WORLD_DIR"
+  ip netns add "$EBX_UPSTREAM_NS"
+  ip -n "$EBX_UPSTREAM_NS" link set lo up
+  # The registry host address sits on a dummy interface; kernels built without the dummy driver (no
+  # modules on the CI VMs) get it on lo instead, which is equivalent for a /32 inside this namespace.
+  local hostdev=reghost
+  if ! ip -n "$EBX_UPSTREAM_NS" link add "$hostdev" type dummy 2>/dev/null; then
+    hostdev=lo
+  fi
+  ip -n "$EBX_UPSTREAM_NS" addr add "$EBX_REGISTRY_ADDR/32" dev "$hostdev"
+  ip -n "$EBX_UPSTREAM_NS" link set "$hostdev" up
+
+  world_write_registry_config "$EBX_WORLD_DIR/registry"
+  world_in_upstream docker-registry serve "$EBX_WORLD_DIR/registry/config.yml" \
+    </dev/null >"$EBX_WORLD_DIR/registry/registry.log" 2>&1 &
+  echo $! >"$EBX_WORLD_DIR/registry/pid"
+  ebx_wait_for 20 world_registry_answers || {
+    cat "$EBX_WORLD_DIR/registry/registry.log" >&2
+    ebx_die "registry did not answer on 127.0.0.1:$EBX_REGISTRY_PORT in $EBX_UPSTREAM_NS"
+  }
+
+  local layout
+  layout=$(world_cached_image busybox "$EBX_IMAGES_DIR/busybox.sh")
+  world_push_image "$layout" test/busybox:1
+  ebx_log "world: registry $EBX_REGISTRY ready with test/busybox:1"
+}
+
+# Builds (once per cache) and pushes (once per world) test/debian:bookworm. Only bats files that need the
+# image call this; it costs ~40 s of debootstrap the first time on a machine. Sets EBX_DEBIAN_IMAGE.
+ebx_need_debian_image() {
+  [[ -n ${EBX_WORLD_DIR:-} ]] || ebx_die "ebx_need_debian_image: no test world (run through scripts/test)"
+  local layout
+  if [[ ! -f $EBX_WORLD_DIR/registry/pushed-debian ]]; then
+    layout=$(world_cached_image debian "$EBX_IMAGES_DIR/debian.sh" "$(ebx_debian_mirror)")
+    world_push_image "$layout" test/debian:bookworm
+    touch "$EBX_WORLD_DIR/registry/pushed-debian"
+  fi
+  EBX_DEBIAN_IMAGE=$EBX_REGISTRY/test/debian:bookworm
+  export EBX_DEBIAN_IMAGE
+}
+
+# Stops the registry, deletes the namespace and the world dir. Safe to call twice and on a half-built world.
+world_stop() {
+  [[ -n ${EBX_WORLD_DIR:-} ]] || return 0
+  local pid slot
+  # Pods whose test died before its teardown ran.
+  for slot in "$EBX_WORLD_DIR"/slots/*; do
+    [[ -d $slot ]] || continue
+    ebx_log "world: destroying leftover pod $(cat "$slot/ns" 2>/dev/null || echo "$slot")"
+    pod_destroy_slot "$slot" || true
+  done
+  if [[ -f $EBX_WORLD_DIR/registry/pid ]]; then
+    pid=$(<"$EBX_WORLD_DIR/registry/pid")
+    kill -TERM "$pid" 2>/dev/null && { wait "$pid" 2>/dev/null || true; }
+  fi
+  if [[ -e /run/netns/$EBX_UPSTREAM_NS ]]; then
+    for pid in $(ip netns pids "$EBX_UPSTREAM_NS" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+    ip netns del "$EBX_UPSTREAM_NS"
+  fi
+  rm -rf "$EBX_WORLD_DIR"
+  unset EBX_WORLD_DIR
+}
