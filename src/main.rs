@@ -160,6 +160,7 @@ struct Running {
     ws: workspace::Workspace,
     bootstrap: Option<workspace::Bootstrap>,
     rootfs: image::rootfs::Rootfs,
+    daemons: Option<runtime::sysbox::SysboxDaemons>,
 }
 
 fn start_workspace(
@@ -173,15 +174,45 @@ fn start_workspace(
         Abort::Failed(format!("creating CODER_STATE_DIR {}: {e}", cfg.state_dir.display()))
     })?;
 
+    // sysbox's daemons start while the image is pulled.
+    let sysbox = (cfg.runtime.kind == config::RuntimeKind::SysboxRunc).then(|| {
+        let opts = runtime::sysbox::SysboxOptions {
+            bin_dir: cfg.runtime.binary.parent().map(|p| p.to_path_buf()),
+            disable_idmapped_mount: cfg.disable_idmapped_mount,
+        };
+        let (s, l) = (Arc::clone(sup), Arc::clone(log));
+        sup.start_step("sysbox", move || {
+            l.info("Waiting for sysbox processes to startup...");
+            runtime::sysbox::preflight()?;
+            runtime::sysbox::start(&s, &opts, &|m| l.info(m), &|| s.stop_requests() > 0)
+        })
+    });
     let cancel = Arc::new(AtomicBool::new(false));
     let (icfg, l, c) = (cfg.image.clone(), Arc::clone(log), Arc::clone(&cancel));
-    let pulled = sup
-        .run_step("pull", move || image::pull(&icfg, &c, &|m| l.info(m)))
-        .map_err(|_| {
+    let pulled = sup.run_step("pull", move || image::pull(&icfg, &c, &|m| l.info(m)));
+    let daemons = match sysbox.map(|step| step.wait(sup)) {
+        None => None,
+        Some(Ok(Ok(d))) => Some(d),
+        Some(Ok(Err(e))) => return Err(failed(&e)),
+        Some(Err(_)) => return Err(Abort::Stopped),
+    };
+    let stop_daemons = |d: &Option<runtime::sysbox::SysboxDaemons>| {
+        if let Some(d) = d {
+            d.stop(sup, Instant::now() + Duration::from_secs(5));
+        }
+    };
+    let pulled = match pulled {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            stop_daemons(&daemons);
+            return Err(failed(&e));
+        }
+        Err(_) => {
             cancel.store(true, Ordering::SeqCst);
-            Abort::Stopped
-        })?
-        .map_err(|e| failed(&e))?;
+            stop_daemons(&daemons);
+            return Err(Abort::Stopped);
+        }
+    };
     let p = &pulled.pulled;
     log.info(format!(
         "Pulled {} ({} MiB, {} layers, {} cached) in {:.1} s",
@@ -199,15 +230,24 @@ fn start_workspace(
         .run_step("unpack", move || {
             image::rootfs::prepare(&RealKernel, &cache, &state, &layers, &|m| l.info(m))
         })
-        .map_err(|_| Abort::Stopped)?
-        .map_err(|e| failed(&e))?;
+        .map_err(|_| {
+            stop_daemons(&daemons);
+            Abort::Stopped
+        })?
+        .map_err(|e| {
+            stop_daemons(&daemons);
+            failed(&e)
+        })?;
     log.info(format!(
         "Prepared the root filesystem ({} layers unpacked, {} cached) in {:.1} s",
         rootfs.unpacked_layers,
         p.image.layers.len() - rootfs.unpacked_layers.min(p.image.layers.len()),
         t.elapsed().as_secs_f64()
     ));
-    let on_error = |rootfs: &image::rootfs::Rootfs| image::rootfs::release(kernel, rootfs);
+    let on_error = |rootfs: &image::rootfs::Rootfs| {
+        image::rootfs::release(kernel, rootfs);
+        stop_daemons(&daemons);
+    };
 
     let username = cfg.username.clone().unwrap_or_default();
     let facts = image::facts::read_facts(&rootfs.path, &username).map_err(|e| {
@@ -292,7 +332,7 @@ fn start_workspace(
         }
         None => None,
     };
-    Ok(Running { ws, bootstrap, rootfs })
+    Ok(Running { ws, bootstrap, rootfs, daemons })
 }
 
 /// After start-up: wait for a stop request or an unexpected exit, then stop in order.
@@ -300,6 +340,9 @@ fn supervise(cfg: &Config, log: &BuildLog, sup: &Arc<Supervisor>, kernel: &RealK
     let mut watched = vec![r.ws.pid];
     if let Some(b) = &r.bootstrap {
         watched.push(b.client_pid);
+    }
+    if let Some(d) = &r.daemons {
+        watched.extend(d.pids());
     }
     let unexpected = loop {
         match sup.wait_event(&watched, 0, None) {
@@ -310,25 +353,31 @@ fn supervise(cfg: &Config, log: &BuildLog, sup: &Arc<Supervisor>, kernel: &RealK
                 watched.retain(|p| *p != pid);
                 r.bootstrap = None;
             }
-            Wake::Exited(_, _, exit) => break Some(exit),
+            Wake::Exited(pid, _, exit) => {
+                let msg = match r.daemons.as_ref().and_then(|d| d.name_of(pid)) {
+                    Some(d) => format!("{} exited unexpectedly ({exit}); its last output:\n{}", d.name, d.tail.text()),
+                    None => format!(
+                        "the workspace's init ended unexpectedly ({exit}); its last output:\n{}",
+                        r.ws.init_output.text()
+                    ),
+                };
+                break Some(msg);
+            }
             Wake::Timeout => continue,
         }
     };
     let deadline = Instant::now() + cfg.shutdown_timeout;
     let hurry = || sup.stop_requests() > 1;
-    if let Some(exit) = unexpected {
-        let msg = format!(
-            "the workspace's init ended unexpectedly ({exit}); its last output:\n{}",
-            r.ws.init_output.text()
-        );
-        r.ws.stop(r.bootstrap.as_ref(), deadline, hurry);
-        image::rootfs::release(kernel, &r.rootfs);
-        return fail(log, &msg);
-    }
     let t = Instant::now();
     let clean = r.ws.stop(r.bootstrap.as_ref(), deadline, hurry);
     image::rootfs::release(kernel, &r.rootfs);
+    if let Some(d) = &r.daemons {
+        d.stop(sup, deadline);
+    }
     rustix::fs::sync();
+    if let Some(msg) = unexpected {
+        return fail(log, &msg);
+    }
     log::info!(
         "stopped {} in {:.2} s",
         if clean { "cleanly" } else { "with force" },

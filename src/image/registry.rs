@@ -138,10 +138,18 @@ impl RegistryError {
 // ---------------------------------------------------------------------------------------------
 // TLS roots
 
+type Der = rustls_pki_types::CertificateDer<'static>;
+
 /// Trusted root certificates: the system bundle plus optional extra PEM files.
+///
+/// Extra certificates are also *pinned*: a server presenting exactly one of them as its leaf is
+/// accepted (after a host-name check) even when webpki refuses it — the usual self-signed registry
+/// certificate made with `openssl req -x509` has `CA:TRUE`, which webpki rejects as an end entity
+/// (`CaUsedAsEndEntity`) while Docker/Go accept it when it is in the trust store.
 #[derive(Clone)]
 pub struct TlsRoots {
-    certs: Arc<Vec<ureq::tls::Certificate<'static>>>,
+    certs: Arc<Vec<Der>>,
+    extra: Arc<Vec<Der>>,
     /// Human summary, e.g. `145 system roots + 1 from /certs`.
     pub summary: String,
 }
@@ -169,6 +177,7 @@ impl TlsRoots {
             }
         };
         let mut summary = format!("{n_system} system roots from {}", system.display());
+        let mut extra_certs = Vec::new();
         if let Some(extra) = extra {
             let cert_err = |reason: String| RegistryError::Certs {
                 path: extra.to_path_buf(),
@@ -190,55 +199,78 @@ impl TlsRoots {
             } else {
                 files.push(extra.to_path_buf());
             }
-            let mut n_extra = 0;
             for f in &files {
                 let bytes = std::fs::read(f).map_err(|e| RegistryError::Certs {
                     path: f.clone(),
                     reason: e.to_string(),
                 })?;
-                let n = push_pem_certs(&bytes, &mut certs);
-                if n == 0 {
+                if push_pem_certs(&bytes, &mut extra_certs) == 0 {
                     log::warn!("{} contains no PEM certificates; ignored", f.display());
                 }
-                n_extra += n;
             }
-            summary.push_str(&format!(" + {n_extra} from {}", extra.display()));
+            summary.push_str(&format!(
+                " + {} from {}",
+                extra_certs.len(),
+                extra.display()
+            ));
         }
+        certs.extend(extra_certs.iter().cloned());
         Ok(TlsRoots {
             certs: Arc::new(certs),
+            extra: Arc::new(extra_certs),
             summary,
         })
     }
 
-    /// A rustls client config trusting exactly these roots (ring provider, TLS 1.2 and 1.3).
-    pub fn rustls_config(&self) -> Arc<rustls::ClientConfig> {
+    fn verifier(&self) -> Arc<EnvboxVerifier> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut store = rustls::RootCertStore::empty();
-        let (_added, ignored) = store.add_parsable_certificates(
-            self.certs
-                .iter()
-                .map(|c| rustls_pki_types::CertificateDer::from(c.der().to_vec())),
-        );
+        let (_added, ignored) = store.add_parsable_certificates(self.certs.iter().cloned());
         if ignored > 0 {
             log::debug!("ignored {ignored} unparsable root certificates");
         }
+        let webpki = if store.is_empty() {
+            None
+        } else {
+            rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(store),
+                provider.clone(),
+            )
+            .build()
+            .ok()
+        };
+        Arc::new(EnvboxVerifier {
+            webpki,
+            pinned: self.extra.clone(),
+            provider,
+        })
+    }
+
+    /// A rustls client config trusting these roots (ring provider, TLS 1.2 and 1.3).
+    pub fn rustls_config(&self) -> Arc<rustls::ClientConfig> {
+        self.build_config(self.verifier())
+    }
+
+    /// A rustls client config that verifies nothing (registries marked insecure).
+    pub fn insecure_rustls_config(&self) -> Arc<rustls::ClientConfig> {
+        self.build_config(Arc::new(NoVerifier(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))))
+    }
+
+    fn build_config(
+        &self,
+        verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+    ) -> Arc<rustls::ClientConfig> {
         let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_protocol_versions(rustls::ALL_VERSIONS)
         .expect("ring supports all TLS versions")
-        .with_root_certificates(store)
+        .dangerous() // a custom verifier: webpki plus pinning of the operator's extra certificates
+        .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
         Arc::new(cfg)
-    }
-
-    /// The equivalent ureq TLS configuration (optionally without certificate verification).
-    pub fn ureq_tls_config(&self, disable_verification: bool) -> ureq::tls::TlsConfig {
-        ureq::tls::TlsConfig::builder()
-            .provider(ureq::tls::TlsProvider::Rustls)
-            .root_certs(ureq::tls::RootCerts::Specific(self.certs.clone()))
-            .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .disable_verification(disable_verification)
-            .build()
     }
 
     pub fn len(&self) -> usize {
@@ -250,19 +282,257 @@ impl TlsRoots {
     }
 }
 
-fn push_pem_certs(bytes: &[u8], out: &mut Vec<ureq::tls::Certificate<'static>>) -> usize {
+fn push_pem_certs(bytes: &[u8], out: &mut Vec<Der>) -> usize {
     use rustls_pki_types::pem::PemObject;
     let mut n = 0;
     for c in rustls_pki_types::CertificateDer::pem_slice_iter(bytes) {
         match c {
             Ok(der) => {
-                out.push(ureq::tls::Certificate::from_der(der.as_ref()).to_owned());
+                out.push(der);
                 n += 1;
             }
             Err(e) => log::warn!("skipping an invalid PEM certificate: {e}"),
         }
     }
     n
+}
+
+/// webpki verification, plus acceptance of a leaf that is byte-identical to one of the extra
+/// certificates the operator supplied (checked against the server name; its validity period is not
+/// checked).
+#[derive(Debug)]
+struct EnvboxVerifier {
+    webpki: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    pinned: Arc<Vec<Der>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for EnvboxVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls_pki_types::CertificateDer<'_>,
+        intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let result = match &self.webpki {
+            Some(v) => {
+                v.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            }
+            None => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            )),
+        };
+        match result {
+            Ok(v) => Ok(v),
+            Err(e)
+                if self
+                    .pinned
+                    .iter()
+                    .any(|p| p.as_ref() == end_entity.as_ref()) =>
+            {
+                let parsed =
+                    rustls::server::ParsedCertificate::try_from(end_entity).map_err(|_| e)?;
+                rustls::client::verify_server_name(&parsed, server_name)?;
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Accepts any certificate (registries explicitly marked insecure). Handshake signatures are
+/// still checked against the presented certificate.
+#[derive(Debug)]
+struct NoVerifier(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerifier {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A ureq agent whose HTTPS connections use `tls` (instead of ureq's own rustls setup, which
+/// cannot take a custom verifier). HTTP CONNECT proxies from the environment keep working.
+pub fn ureq_agent(config: ureq::config::Config, tls: Arc<rustls::ClientConfig>) -> ureq::Agent {
+    use ureq::unversioned::resolver::DefaultResolver;
+    use ureq::unversioned::transport::{ConnectProxyConnector, Connector, TcpConnector};
+    let connector =
+        ().chain(ConnectProxyConnector::default())
+            .chain(TcpConnector::default())
+            .chain(RustlsWith { config: tls });
+    ureq::Agent::with_parts(config, connector, DefaultResolver::default())
+}
+
+/// ureq connector that wraps the chained transport in TLS with a given rustls config.
+#[derive(Debug)]
+struct RustlsWith {
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl<In: ureq::unversioned::transport::Transport> ureq::unversioned::transport::Connector<In>
+    for RustlsWith
+{
+    type Out = ureq::unversioned::transport::Either<In, RustlsTransport>;
+
+    fn connect(
+        &self,
+        details: &ureq::unversioned::transport::ConnectionDetails,
+        chained: Option<In>,
+    ) -> Result<Option<Self::Out>, ureq::Error> {
+        use ureq::unversioned::transport::{Either, LazyBuffers, TransportAdapter};
+        let Some(transport) = chained else {
+            return Ok(None);
+        };
+        if !details.needs_tls() || transport.is_tls() {
+            return Ok(Some(Either::A(transport)));
+        }
+        let host = details
+            .uri
+            .host()
+            .ok_or(ureq::Error::Tls("URL without host"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let name = rustls_pki_types::ServerName::try_from(host.to_string())
+            .map_err(|_| ureq::Error::Tls("invalid TLS server name"))?;
+        let mut conn = rustls::ClientConnection::new(self.config.clone(), name)?;
+        let mut sock = TransportAdapter::new(transport.boxed(), details.current_time.clone());
+        sock.set_timeout(details.timeout);
+        conn.complete_io(&mut sock)?;
+        let buffers = LazyBuffers::new(
+            details.config.input_buffer_size(),
+            details.config.output_buffer_size(),
+        );
+        Ok(Some(Either::B(RustlsTransport {
+            buffers,
+            stream: rustls::StreamOwned { conn, sock },
+        })))
+    }
+}
+
+struct RustlsTransport {
+    buffers: ureq::unversioned::transport::LazyBuffers,
+    stream: rustls::StreamOwned<
+        rustls::ClientConnection,
+        ureq::unversioned::transport::TransportAdapter,
+    >,
+}
+
+impl std::fmt::Debug for RustlsTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RustlsTransport")
+    }
+}
+
+impl ureq::unversioned::transport::Transport for RustlsTransport {
+    fn buffers(&mut self) -> &mut dyn ureq::unversioned::transport::Buffers {
+        &mut self.buffers
+    }
+
+    fn transmit_output(
+        &mut self,
+        amount: usize,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<(), ureq::Error> {
+        use ureq::unversioned::transport::Buffers;
+        self.stream.get_mut().set_timeout(timeout);
+        let output = &self.buffers.output()[..amount];
+        self.stream.write_all(output)?;
+        Ok(())
+    }
+
+    fn await_input(
+        &mut self,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<bool, ureq::Error> {
+        use ureq::unversioned::transport::Buffers;
+        self.stream.get_mut().set_timeout(timeout);
+        let input = self.buffers.input_append_buf();
+        let n = self.stream.read(input)?;
+        self.buffers.input_appended(n);
+        Ok(n > 0)
+    }
+
+    fn is_open(&mut self) -> bool {
+        self.stream.get_mut().get_mut().is_open()
+    }
+
+    fn is_tls(&self) -> bool {
+        true
+    }
 }
 
 /// One rustls config trusting the system bundle plus `extra_certs` (for the Coder log sender).
@@ -562,7 +832,7 @@ fn select_platform<'a>(
             (Some(_), Some(_)) if want.architecture == "amd64" => 1,
             _ => continue,
         };
-        if best.is_none_or(|(_, s)| score > s) {
+        if best.map_or(true, |(_, s)| score > s) {
             best = Some((e, score));
         }
     }
@@ -874,7 +1144,6 @@ impl RegistryClient {
             .http_status_as_error(false)
             .max_redirects(0)
             .max_redirects_will_error(false)
-            .tls_config(roots.ureq_tls_config(opts.insecure || opts.plain_http))
             .timeout_resolve(Some(opts.connect_timeout))
             .timeout_connect(Some(opts.connect_timeout))
             .timeout_send_request(Some(opts.read_timeout))
@@ -882,11 +1151,16 @@ impl RegistryClient {
             .timeout_per_read(Some(opts.read_timeout))
             .user_agent(concat!("envbox/", env!("CARGO_PKG_VERSION")))
             .build();
+        let tls = if opts.insecure || opts.plain_http {
+            roots.insecure_rustls_config()
+        } else {
+            roots.rustls_config()
+        };
         RegistryClient {
             use_http: AtomicBool::new(opts.plain_http),
             image,
             credentials,
-            agent: ureq::Agent::new_with_config(config),
+            agent: ureq_agent(config, tls),
             opts,
             auth_header: Mutex::new(None),
         }
@@ -1242,7 +1516,7 @@ impl RegistryClient {
                         Ok(n) => {
                             dest.write_all(&buf[..n]).map_err(|e| StoreError::Io {
                                 op: "write blob",
-                                path: PathBuf::from(dest.digest()),
+                                path: dest.partial_path().to_path_buf(),
                                 source: e,
                             })?;
                             if on_bytes(dest.offset()).is_break() {
@@ -1482,18 +1756,28 @@ impl RegistryClient {
             let insecure = self.opts.insecure || self.opts.plain_http;
             return match t {
                 rustls::Error::InvalidCertificate(c) => {
-                    let detail = format!("{c:?}");
-                    if matches!(
-                        c,
+                    let raw = format!("{c:?}");
+                    let unknown = match &c {
                         rustls::CertificateError::UnknownIssuer
-                            | rustls::CertificateError::BadSignature
-                    ) {
-                        Failure::Fatal(RegistryError::UnknownCa {
+                        | rustls::CertificateError::BadSignature => {
+                            Some("certificate signed by unknown authority")
+                        }
+                        // webpki's verdict on a self-signed `CA:TRUE` server certificate that is
+                        // not among the trusted certificates.
+                        rustls::CertificateError::Other(_) if raw.contains("CaUsedAsEndEntity") => {
+                            Some("self-signed certificate that is not trusted")
+                        }
+                        _ => None,
+                    };
+                    match unknown {
+                        Some(what) => Failure::Fatal(RegistryError::UnknownCa {
                             registry,
-                            detail: format!("{detail}: certificate signed by unknown authority"),
-                        })
-                    } else {
-                        Failure::Fatal(RegistryError::Tls { registry, detail })
+                            detail: what.to_string(),
+                        }),
+                        None => Failure::Fatal(RegistryError::Tls {
+                            registry,
+                            detail: format!("invalid server certificate: {raw}"),
+                        }),
                     }
                 }
                 rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. }
@@ -2128,6 +2412,7 @@ pub(crate) mod test_support {
     pub fn roots() -> TlsRoots {
         TlsRoots {
             certs: Arc::new(Vec::new()),
+            extra: Arc::new(Vec::new()),
             summary: "none".into(),
         }
     }

@@ -145,7 +145,7 @@ impl BlobStore {
         let mut hasher = Sha256::new();
         let mut written = 0u64;
         let len = file.metadata().map_err(io_err("stat", &partial))?.len();
-        if len > 0 && size.is_none_or(|s| len <= s) {
+        if len > 0 && size.map_or(true, |s| len <= s) {
             let mut buf = vec![0u8; 256 * 1024];
             loop {
                 let n = file
@@ -233,7 +233,11 @@ impl BlobStore {
     /// Record what `image` resolved to (atomic replace).
     pub fn save_ref(&self, image: &ImageRef, rec: &RefRecord) -> Result<(), StoreError> {
         let dest = self.ref_path(image);
-        let tmp = dest.with_extension(format!("tmp.{}", std::process::id()));
+        let tmp = self.root.join("tmp").join(format!(
+            "ref.{}.{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         let bytes = serde_json::to_vec_pretty(rec).expect("serialisable");
         write_file_sync(&tmp, &bytes)?;
         fs::rename(&tmp, &dest).map_err(io_err("rename", &dest))
@@ -302,6 +306,11 @@ impl std::fmt::Debug for BlobWriter {
 impl BlobWriter {
     pub fn digest(&self) -> &str {
         &self.digest
+    }
+
+    /// The partial file being written.
+    pub fn partial_path(&self) -> &Path {
+        &self.partial
     }
 
     /// Bytes already in the partial file (the `Range` start for the next request).

@@ -50,17 +50,16 @@
 use std::collections::HashSet;
 use std::ffi::CStr;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, ResolveFlags, Timestamps};
 use rustix::io::Errno;
 
 /// Size of the buffer file contents are copied through (reused for all entries).
 const COPY_BUFFER: usize = 256 * 1024;
-/// Read buffer in front of an uncompressed layer stream.
-const PLAIN_READ_BUFFER: usize = 128 * 1024;
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const WHITEOUT_META_PREFIX: &[u8] = b".wh..wh.";
@@ -252,17 +251,123 @@ fn apply(
         source: e.into(),
     })?;
     let mut applier = Applier::new(root_fd.as_fd(), *shift, target);
-    match compression {
-        Compression::Gzip => applier.run(flate2::read::MultiGzDecoder::new(layer)),
-        Compression::Zstd => {
-            let decoder =
-                zstd::stream::read::Decoder::new(layer).map_err(|e| UnpackError::Read {
-                    at: "zstd header".into(),
-                    source: e,
-                })?;
-            applier.run(decoder)
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        return match compression {
+            Compression::Gzip => applier.run(flate2::read::MultiGzDecoder::new(layer)),
+            Compression::Zstd => match zstd::stream::read::Decoder::new(layer) {
+                Ok(decoder) => applier.run(decoder),
+                Err(source) => Err(UnpackError::Read {
+                    at: "first entry".into(),
+                    source,
+                }),
+            },
+            Compression::None => applier.run(io::BufReader::with_capacity(CHUNK_SIZE, layer)),
+        };
+    }
+    // Decompression runs on the calling thread (so `layer` need not be `Send`) while
+    // a second thread parses the archive and writes the files: with more than one
+    // CPU the two overlap, as `tar -xz` overlaps with its `gzip` child.
+    let (chunks_tx, chunks_rx) = mpsc::sync_channel::<io::Result<Chunk>>(CHUNKS_IN_FLIGHT);
+    let (spare_tx, spare_rx) = mpsc::sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT + 2);
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || {
+            applier.run(ChunkReader {
+                chunks: chunks_rx,
+                spare: spare_tx,
+                current: Vec::new(),
+                len: 0,
+                pos: 0,
+            })
+        });
+        let produced = match compression {
+            Compression::Gzip => produce(
+                flate2::read::MultiGzDecoder::new(layer),
+                &chunks_tx,
+                &spare_rx,
+            ),
+            Compression::Zstd => match zstd::stream::read::Decoder::new(layer) {
+                Ok(decoder) => produce(decoder, &chunks_tx, &spare_rx),
+                Err(e) => Err(e),
+            },
+            Compression::None => produce(layer, &chunks_tx, &spare_rx),
+        };
+        if let Err(e) = produced {
+            // Hand the error to the parser, which names the entry it was reading.
+            let _ = chunks_tx.send(Err(e));
         }
-        Compression::None => applier.run(BufReader::with_capacity(PLAIN_READ_BUFFER, layer)),
+        drop(chunks_tx);
+        match writer.join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
+/// Decompressed bytes on their way to the parsing thread: a buffer and how much of
+/// it is filled.
+type Chunk = (Vec<u8>, usize);
+
+/// Bytes per chunk handed from the decompressing to the writing thread.
+const CHUNK_SIZE: usize = 256 * 1024;
+const CHUNKS_IN_FLIGHT: usize = 4;
+
+/// Reads `src` to its end in chunks, reusing the buffers the reader hands back. Stops
+/// quietly when the reader is gone (it failed and reports its own error).
+fn produce<R: Read>(
+    mut src: R,
+    out: &mpsc::SyncSender<io::Result<Chunk>>,
+    spare: &mpsc::Receiver<Vec<u8>>,
+) -> io::Result<()> {
+    loop {
+        let mut buf = spare.try_recv().unwrap_or_else(|_| vec![0; CHUNK_SIZE]);
+        let mut filled = 0;
+        while filled < buf.len() {
+            match src.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if filled == 0 {
+            return Ok(());
+        }
+        if out.send(Ok((buf, filled))).is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// The parsing thread's view of the decompressed stream.
+struct ChunkReader {
+    chunks: mpsc::Receiver<io::Result<Chunk>>,
+    spare: mpsc::SyncSender<Vec<u8>>,
+    current: Vec<u8>,
+    len: usize,
+    pos: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.len {
+            match self.chunks.recv() {
+                Ok(Ok((buf, len))) => {
+                    let old = std::mem::replace(&mut self.current, buf);
+                    if !old.is_empty() {
+                        let _ = self.spare.try_send(old);
+                    }
+                    self.len = len;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(mpsc::RecvError) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.len - self.pos);
+        out[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
     }
 }
 

@@ -69,6 +69,27 @@ pub struct Supervisor {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Interrupted;
 
+/// A start-up step running on its own thread.
+pub struct Step<T> {
+    slot: Arc<Mutex<Option<T>>>,
+}
+
+impl<T> Step<T> {
+    /// Its result, or `Interrupted` as soon as a stop is requested.
+    pub fn wait(self, sup: &Supervisor) -> Result<T, Interrupted> {
+        let mut st = sup.lock();
+        loop {
+            if let Some(v) = self.slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                return Ok(v);
+            }
+            if st.stop_requests > 0 {
+                return Err(Interrupted);
+            }
+            st = sup.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
 impl Supervisor {
     pub fn new(ops: Arc<dyn ProcessOps>) -> Arc<Self> {
         Arc::new(Supervisor {
@@ -240,6 +261,15 @@ impl Supervisor {
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
+        self.start_step(name, f).wait(self)
+    }
+
+    /// Starts a step that runs beside others (the sysbox daemons start while the image is pulled).
+    pub fn start_step<T, F>(self: &Arc<Self>, name: &str, f: F) -> Step<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
         let slot: Arc<Mutex<Option<T>>> = Arc::new(Mutex::new(None));
         let (me, out) = (Arc::clone(self), Arc::clone(&slot));
         std::thread::Builder::new()
@@ -252,16 +282,7 @@ impl Supervisor {
                 me.cv.notify_all();
             })
             .expect("spawning a thread");
-        let mut st = self.lock();
-        loop {
-            if let Some(v) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                return Ok(v);
-            }
-            if st.stop_requests > 0 {
-                return Err(Interrupted);
-            }
-            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
+        Step { slot }
     }
 
     /// Sleeps up to `d`, returning early (false) when a stop is requested.

@@ -1,3 +1,4 @@
 //! Driving the OCI runtime (sysbox-runc in production, runc or crun elsewhere).
 
 pub mod oci;
+pub mod sysbox;
