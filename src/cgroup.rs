@@ -25,7 +25,10 @@ pub fn hierarchies(mountinfo: &str) -> Vec<Hierarchy> {
                 return None;
             }
             let f: Vec<&str> = pre.split_whitespace().collect();
-            Some(Hierarchy { mount_point: PathBuf::from(f.get(4)?), root: f.get(3)?.to_string() })
+            Some(Hierarchy {
+                mount_point: PathBuf::from(f.get(4)?),
+                root: f.get(3)?.to_string(),
+            })
         })
         .collect()
 }
@@ -95,11 +98,18 @@ mod tests {
         let ws = dir.path().join("envbox-ws1");
         std::fs::create_dir_all(ws.join("child")).unwrap();
         std::fs::write(ws.join("cgroup.procs"), "").unwrap();
-        let hs = vec![Hierarchy { mount_point: dir.path().into(), root: "/".into() }];
+        let hs = vec![Hierarchy {
+            mount_point: dir.path().into(),
+            root: "/".into(),
+        }];
         let dirs = workspace_dirs(&hs, "/envbox-ws1");
         assert_eq!(dirs, vec![ws.clone()]);
         let k = RecordingKernel::default();
         assert_eq!(delegate(&k, &dirs).unwrap(), 3);
-        assert!(k.calls().contains(&Call::Chown { path: ws.join("cgroup.procs"), uid: 100000, gid: 100000 }));
+        assert!(k.calls().contains(&Call::Chown {
+            path: ws.join("cgroup.procs"),
+            uid: 100000,
+            gid: 100000
+        }));
     }
 }

@@ -39,10 +39,18 @@ pub struct DockerArgs {
     pub image: ImageArgs,
 
     /// Workspace user; its uid, gid and home come from the image's /etc/passwd.
-    #[arg(long = "username", env = "CODER_INNER_USERNAME", hide_env_values = true)]
+    #[arg(
+        long = "username",
+        env = "CODER_INNER_USERNAME",
+        hide_env_values = true
+    )]
     pub username: Option<String>,
     /// Coder agent token, passed to the workspace as CODER_AGENT_TOKEN (secret).
-    #[arg(long = "agent-token", env = "CODER_AGENT_TOKEN", hide_env_values = true)]
+    #[arg(
+        long = "agent-token",
+        env = "CODER_AGENT_TOKEN",
+        hide_env_values = true
+    )]
     pub agent_token: Option<String>,
     /// Coder URL; start-up logs are sent there when the token is set too.
     #[arg(long = "coder-url", env = "CODER_AGENT_URL", hide_env_values = true)]
@@ -51,13 +59,25 @@ pub struct DockerArgs {
     #[arg(long = "envs", env = "CODER_INNER_ENVS", hide_env_values = true)]
     pub inner_envs: Option<String>,
     /// Working directory of the workspace (default: the image's).
-    #[arg(long = "work-dir", env = "CODER_INNER_WORK_DIR", hide_env_values = true)]
+    #[arg(
+        long = "work-dir",
+        env = "CODER_INNER_WORK_DIR",
+        hide_env_values = true
+    )]
     pub work_dir: Option<String>,
     /// Hostname of the workspace (default: `workspace`).
-    #[arg(long = "hostname", env = "CODER_INNER_HOSTNAME", hide_env_values = true)]
+    #[arg(
+        long = "hostname",
+        env = "CODER_INNER_HOSTNAME",
+        hide_env_values = true
+    )]
     pub hostname: Option<String>,
     /// IPv4 CIDR of the pod-workspace link, prefix at most /30 (default 172.19.0.1/30).
-    #[arg(long = "bridge-cidr", env = "CODER_DOCKER_BRIDGE_CIDR", hide_env_values = true)]
+    #[arg(
+        long = "bridge-cidr",
+        env = "CODER_DOCKER_BRIDGE_CIDR",
+        hide_env_values = true
+    )]
     pub bridge_cidr: Option<String>,
     /// Script fed to `/bin/sh -s` as the workspace user once the workspace runs (secret).
     #[arg(
@@ -71,10 +91,18 @@ pub struct DockerArgs {
     #[arg(long = "mounts", env = "CODER_MOUNTS", hide_env_values = true)]
     pub mounts: Option<String>,
     /// Node library directory as mounted in the pod (required with CODER_ADD_GPU).
-    #[arg(long = "usr-lib-dir", env = "CODER_USR_LIB_DIR", hide_env_values = true)]
+    #[arg(
+        long = "usr-lib-dir",
+        env = "CODER_USR_LIB_DIR",
+        hide_env_values = true
+    )]
     pub usr_lib_dir: Option<String>,
     /// Library directory for GPU libraries inside the workspace (default: from the image's os-release).
-    #[arg(long = "inner-usr-lib-dir", env = "CODER_INNER_USR_LIB_DIR", hide_env_values = true)]
+    #[arg(
+        long = "inner-usr-lib-dir",
+        env = "CODER_INNER_USR_LIB_DIR",
+        hide_env_values = true
+    )]
     pub inner_usr_lib_dir: Option<String>,
     /// Add /dev/net/tun to the workspace (true, false, 1, 0).
     #[arg(long = "add-tun", env = "CODER_ADD_TUN", hide_env_values = true)]
@@ -108,7 +136,11 @@ pub struct DockerArgs {
     #[arg(long = "state-dir", env = "CODER_STATE_DIR", hide_env_values = true)]
     pub state_dir: Option<String>,
     /// Seconds for the whole ordered stop after SIGTERM (default 25, under Kubernetes' 30 s grace).
-    #[arg(long = "shutdown-timeout", env = "CODER_SHUTDOWN_TIMEOUT", hide_env_values = true)]
+    #[arg(
+        long = "shutdown-timeout",
+        env = "CODER_SHUTDOWN_TIMEOUT",
+        hide_env_values = true
+    )]
     pub shutdown_timeout: Option<String>,
     /// Pod interface whose MTU the workspace link takes (default eth0).
     #[arg(long = "ethlink", env = "CODER_ETHLINK", hide_env_values = true)]
@@ -122,13 +154,25 @@ pub struct ImageArgs {
     #[arg(long = "image", env = "CODER_INNER_IMAGE", hide_env_values = true)]
     pub image: Option<String>,
     /// `.dockerconfigjson` content with registry credentials (secret).
-    #[arg(long = "image-secret", env = "CODER_IMAGE_PULL_SECRET", hide_env_values = true)]
+    #[arg(
+        long = "image-secret",
+        env = "CODER_IMAGE_PULL_SECRET",
+        hide_env_values = true
+    )]
     pub pull_secret: Option<String>,
     /// Docker config file with registry credentials (default /root/.docker/config.json).
-    #[arg(long = "docker-config", env = "CODER_DOCKER_CONFIG", hide_env_values = true)]
+    #[arg(
+        long = "docker-config",
+        env = "CODER_DOCKER_CONFIG",
+        hide_env_values = true
+    )]
     pub docker_config: Option<String>,
     /// CA certificate file or directory of PEM files, trusted for registries and Coder.
-    #[arg(long = "extra-certs-path", env = "CODER_EXTRA_CERTS_PATH", hide_env_values = true)]
+    #[arg(
+        long = "extra-certs-path",
+        env = "CODER_EXTRA_CERTS_PATH",
+        hide_env_values = true
+    )]
     pub extra_certs_path: Option<String>,
     /// Comma-separated registries (host[:port]) that may be reached over plain HTTP.
     #[arg(

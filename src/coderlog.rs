@@ -136,7 +136,9 @@ fn start_with(api: Box<dyn Api>, tuning: Tuning) -> CoderLog {
         .name("coder-log".into())
         .spawn(move || Sender::new(s, api, tuning).run());
     if let Err(e) = spawned {
-        log::warn!("coder log: cannot start the sender thread ({e}); start-up lines are not sent to Coder");
+        log::warn!(
+            "coder log: cannot start the sender thread ({e}); start-up lines are not sent to Coder"
+        );
         shared.stop(0);
     }
     CoderLog { shared, tuning }
@@ -435,7 +437,9 @@ impl Sender {
             }
             // A Coder from before log sources: its "External" source takes the nil id.
             Reply::Status(404 | 405, _) => {
-                log::info!("coder log: no log-source endpoint ({reply}); sending under the default source");
+                log::info!(
+                    "coder log: no log-source endpoint ({reply}); sending under the default source"
+                );
                 self.source_id = Some(NIL_SOURCE_ID);
                 Next::Continue
             }
@@ -470,15 +474,14 @@ impl Sender {
                     "coder log: Coder refused {} log entries ({reply}); they are skipped",
                     batch.entries.len()
                 );
-                let n = batch.counted;
                 let last = batch.last;
+                self.settle(batch.counted);
                 *batch = Batch::default();
                 if last {
-                    self.shared.stop(n);
+                    self.shared.stop(0);
                     return Next::Stop;
                 }
                 self.failed("send start-up lines", &reply, 0)
-                    .and_settle(&self.shared, n)
             }
             _ => self.failed("send start-up lines", &reply, batch.counted),
         }
@@ -486,10 +489,12 @@ impl Sender {
 
     fn succeeded(&mut self, counted: usize) {
         self.failures = 0;
-        let mut st = self.shared.lock();
-        st.failing = false;
-        st.settled += counted as u64;
-        drop(st);
+        self.shared.lock().failing = false;
+        self.settle(counted);
+    }
+
+    fn settle(&self, counted: usize) {
+        self.shared.lock().settled += counted as u64;
         self.shared.progress.notify_all();
     }
 
@@ -521,16 +526,6 @@ impl Sender {
         self.shared.progress.notify_all();
         std::thread::sleep(self.tuning.pause_after(self.failures));
         Next::Continue
-    }
-}
-
-impl Next {
-    fn and_settle(self, shared: &Shared, n: usize) -> Next {
-        if let Next::Continue = self {
-            shared.lock().settled += n as u64;
-            shared.progress.notify_all();
-        }
-        self
     }
 }
 
@@ -569,7 +564,8 @@ fn entry_json(created_at: SystemTime, level: &str, output: &str) -> String {
 /// `{"log_source_id":…,"logs":[…]}` from already serialized entries.
 fn logs_body(source_id: &str, entries: &[String]) -> String {
     let id = serde_json::to_string(source_id).expect("a string serializes");
-    let mut body = String::with_capacity(40 + id.len() + entries.iter().map(|e| e.len() + 1).sum::<usize>());
+    let mut body =
+        String::with_capacity(40 + id.len() + entries.iter().map(|e| e.len() + 1).sum::<usize>());
     body.push_str("{\"log_source_id\":");
     body.push_str(&id);
     body.push_str(",\"logs\":[");
@@ -821,7 +817,10 @@ mod tests {
         assert_eq!(split_output("abc", 1024), vec!["abc"]);
         let long = "x".repeat(2500);
         let parts = split_output(&long, 1024);
-        assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), [1024, 1024, 452]);
+        assert_eq!(
+            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [1024, 1024, 452]
+        );
         // 'é' is 2 bytes, '€' 3, '😀' 4: no piece may cut one, and none exceeds the limit.
         let mixed = "é€😀a".repeat(300);
         let parts = split_output(&mixed, 1024);
@@ -853,7 +852,10 @@ mod tests {
                 ]
             })
         );
-        assert_eq!(logs_body(NIL_SOURCE_ID, &[]), format!("{{\"log_source_id\":\"{NIL_SOURCE_ID}\",\"logs\":[]}}"));
+        assert_eq!(
+            logs_body(NIL_SOURCE_ID, &[]),
+            format!("{{\"log_source_id\":\"{NIL_SOURCE_ID}\",\"logs\":[]}}")
+        );
     }
 
     #[test]
@@ -882,7 +884,10 @@ mod tests {
             .map(|l| l["level"].clone())
             .collect();
         assert_eq!(levels[..2], ["info", "error"]);
-        assert!(api.patches().iter().all(|p| p["log_source_id"] == LOG_SOURCE_ID));
+        assert!(api
+            .patches()
+            .iter()
+            .all(|p| p["log_source_id"] == LOG_SOURCE_ID));
     }
 
     #[test]
@@ -906,7 +911,10 @@ mod tests {
         assert!(sizes.iter().all(|&n| n <= 50), "{sizes:?}");
         assert_eq!(sizes[..2], [50, 50], "full batches go at once");
         let outs = api.outputs();
-        assert!(outs.iter().enumerate().all(|(i, o)| *o == format!("line {i}")));
+        assert!(outs
+            .iter()
+            .enumerate()
+            .all(|(i, o)| *o == format!("line {i}")));
         // The 20 left over wait for the window (measured from the oldest queued line).
         let last = api.calls().last().unwrap().at;
         assert!(last - t0 >= Duration::from_millis(190), "{:?}", last - t0);
@@ -973,7 +981,11 @@ mod tests {
         info(&log, "later");
         log.flush();
         std::thread::sleep(Duration::from_millis(100));
-        assert_eq!(api.calls().len(), n, "nothing is sent once the budget is used");
+        assert_eq!(
+            api.calls().len(),
+            n,
+            "nothing is sent once the budget is used"
+        );
     }
 
     #[test]
@@ -990,7 +1002,11 @@ mod tests {
         log.flush();
         std::thread::sleep(Duration::from_millis(100));
         let calls = api.calls();
-        assert_eq!(calls.len(), 1, "one registration attempt, no retries: {calls:?}");
+        assert_eq!(
+            calls.len(),
+            1,
+            "one registration attempt, no retries: {calls:?}"
+        );
         assert!(!log.shared.lock().accepting);
     }
 
@@ -1014,7 +1030,11 @@ mod tests {
         // A failing server does not hold flush.
         let t = Instant::now();
         log.flush();
-        assert!(t.elapsed() < Duration::from_millis(500), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
         wait_until("give up", 5, || log.shared.lock().dead);
         let calls = api.calls();
         assert_eq!(calls.len(), MAX_FAILURES as usize);
@@ -1057,12 +1077,10 @@ mod tests {
             ],
         );
         let log = start_with(Box::new(api.clone()), fast());
-        info(&log, "a");
-        log.flush();
-        info(&log, "b");
-        log.flush();
-        info(&log, "c");
-        log.flush();
+        for (i, line) in ["a", "b", "c"].into_iter().enumerate() {
+            info(&log, line);
+            wait_until("a PATCH", 5, || api.patches().len() == i + 1);
+        }
         info(&log, "d");
         log.flush();
         std::thread::sleep(Duration::from_millis(100));
@@ -1093,12 +1111,20 @@ mod tests {
         for i in 0..1000 {
             info(&log, &format!("{i}"));
         }
-        assert!(t.elapsed() < Duration::from_millis(200), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(200),
+            "{:?}",
+            t.elapsed()
+        );
         assert!(log.shared.lock().dropped >= 990 - 50);
         // flush is bounded even though the server is slow.
         let t = Instant::now();
         log.flush();
-        assert!(t.elapsed() < Duration::from_millis(400), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(400),
+            "{:?}",
+            t.elapsed()
+        );
     }
 
     #[test]
@@ -1182,7 +1208,10 @@ mod tests {
                 return;
             }
             let mut it = line.split_whitespace();
-            let (method, path) = (it.next().unwrap_or("").to_string(), it.next().unwrap_or("").to_string());
+            let (method, path) = (
+                it.next().unwrap_or("").to_string(),
+                it.next().unwrap_or("").to_string(),
+            );
             let mut headers = Vec::new();
             loop {
                 let mut h = String::new();
@@ -1208,7 +1237,10 @@ mod tests {
                 body: String::from_utf8(body).unwrap(),
             };
             let (status, text) = match mode {
-                Mode::Unauthorized => ("401 Unauthorized", r#"{"message":"Workspace agent not authorized."}"#),
+                Mode::Unauthorized => (
+                    "401 Unauthorized",
+                    r#"{"message":"Workspace agent not authorized."}"#,
+                ),
                 _ if req.method == "POST" => ("201 Created", "{}"),
                 _ => ("200 OK", "{}"),
             };
@@ -1229,7 +1261,10 @@ mod tests {
 
     fn start_http(url: &str, tuning: Tuning) -> CoderLog {
         let token = Secret::new("tok-LOOPBACK-42");
-        start_with(Box::new(HttpApi::new(url, &token, &no_roots(), &tuning)), tuning)
+        start_with(
+            Box::new(HttpApi::new(url, &token, &no_roots(), &tuning)),
+            tuning,
+        )
     }
 
     #[test]
@@ -1243,8 +1278,14 @@ mod tests {
         assert!(t.elapsed() < FLUSH_DEADLINE);
         let reqs = srv.reqs.lock().unwrap().clone();
         assert_eq!(reqs.len(), 2, "{reqs:?}");
-        assert_eq!((reqs[0].method.as_str(), reqs[0].path.as_str()), ("POST", LOG_SOURCE_PATH));
-        assert_eq!((reqs[1].method.as_str(), reqs[1].path.as_str()), ("PATCH", LOGS_PATH));
+        assert_eq!(
+            (reqs[0].method.as_str(), reqs[0].path.as_str()),
+            ("POST", LOG_SOURCE_PATH)
+        );
+        assert_eq!(
+            (reqs[1].method.as_str(), reqs[1].path.as_str()),
+            ("PATCH", LOGS_PATH)
+        );
         for r in &reqs {
             assert_eq!(r.header(TOKEN_HEADER), Some("tok-LOOPBACK-42"));
             assert_eq!(r.header("content-type"), Some("application/json"));
@@ -1287,7 +1328,11 @@ mod tests {
         info(&log, "a");
         assert!(t.elapsed() < Duration::from_millis(50));
         log.flush();
-        assert!(t.elapsed() < Duration::from_millis(600), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(600),
+            "{:?}",
+            t.elapsed()
+        );
         // Each attempt ends at the request timeout; then the sender gives up.
         wait_until("give up on a hanging server", 10, || log.shared.lock().dead);
         assert_eq!(srv.conns.load(Ordering::SeqCst), MAX_FAILURES as usize);
@@ -1303,7 +1348,11 @@ mod tests {
         info(&log, "a");
         let t = Instant::now();
         log.flush();
-        assert!(t.elapsed() < Duration::from_millis(500), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
         wait_until("give up on a refusing server", 5, || log.shared.lock().dead);
     }
 }

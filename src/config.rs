@@ -89,7 +89,9 @@ pub struct BridgeCidr {
 
 impl BridgeCidr {
     pub fn network(&self) -> Ipv4Addr {
-        let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0);
         Ipv4Addr::from(u32::from(self.pod_addr) & mask)
     }
 }
@@ -294,7 +296,8 @@ pub fn parse_bool(var: &'static str, v: &Option<String>) -> Result<bool, ConfigE
 
 fn parse_cpus(v: &Option<String>) -> Result<Option<MilliCpus>, ConfigError> {
     const VAR: &str = "CODER_CPUS";
-    const EXPECTED: &str = "expected a Kubernetes CPU quantity such as 2, 1.5 or 500m (0 = no limit)";
+    const EXPECTED: &str =
+        "expected a Kubernetes CPU quantity such as 2, 1.5 or 500m (0 = no limit)";
     let Some(s) = present(v) else { return Ok(None) };
     let milli = if let Some(m) = s.strip_suffix('m') {
         m.parse::<u64>().map_err(|_| invalid(VAR, s, EXPECTED))?
@@ -474,7 +477,9 @@ fn parse_url(var: &'static str, v: &Option<String>) -> Result<Option<String>, Co
         .strip_prefix("https://")
         .or_else(|| u.strip_prefix("http://"));
     match rest {
-        Some(host) if !host.is_empty() && !host.starts_with('/') && !u.contains(char::is_whitespace) => {
+        Some(host)
+            if !host.is_empty() && !host.starts_with('/') && !u.contains(char::is_whitespace) =>
+        {
             Ok(Some(u.trim_end_matches('/').to_string()))
         }
         _ => Err(invalid(
@@ -485,7 +490,10 @@ fn parse_url(var: &'static str, v: &Option<String>) -> Result<Option<String>, Co
     }
 }
 
-fn optional_abs_path(var: &'static str, v: &Option<String>) -> Result<Option<PathBuf>, ConfigError> {
+fn optional_abs_path(
+    var: &'static str,
+    v: &Option<String>,
+) -> Result<Option<PathBuf>, ConfigError> {
     match present(v) {
         None => Ok(None),
         Some(p) if p.starts_with('/') => Ok(Some(PathBuf::from(p))),
@@ -499,7 +507,11 @@ fn parse_runtime(v: &Option<String>) -> Result<RuntimeChoice, ConfigError> {
     let binary = if name.contains('/') {
         let p = PathBuf::from(name);
         if !p.is_file() {
-            return Err(invalid(VAR, name, "no such file; give sysbox-runc, runc, crun or a path to one of them"));
+            return Err(invalid(
+                VAR,
+                name,
+                "no such file; give sysbox-runc, runc, crun or a path to one of them",
+            ));
         }
         p
     } else {
@@ -536,7 +548,8 @@ fn parse_runtime(v: &Option<String>) -> Result<RuntimeChoice, ConfigError> {
 }
 
 pub fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    let path = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
     std::env::split_paths(&path)
         .map(|d| d.join(name))
         .find(|p| is_executable(p))
@@ -570,7 +583,10 @@ fn check_disk_backed(var: &'static str, dir: &Path) -> Result<(), ConfigError> {
     Err(invalid(
         var,
         &dir.display().to_string(),
-        format!("{} is on {fs}; use a disk-backed volume (emptyDir on node disk, hostPath or PVC)", probe.display()),
+        format!(
+            "{} is on {fs}; use a disk-backed volume (emptyDir on node disk, hostPath or PVC)",
+            probe.display()
+        ),
     ))
 }
 
@@ -613,7 +629,10 @@ mod tests {
         assert!(!parse_bool("CODER_ADD_TUN", &s("0")).unwrap());
         assert!(!parse_bool("CODER_ADD_TUN", &s("")).unwrap());
         let e = parse_bool("CODER_ADD_TUN", &s("yes")).unwrap_err();
-        assert_eq!(e.to_string(), "invalid CODER_ADD_TUN=\"yes\": expected true, false, 1 or 0");
+        assert_eq!(
+            e.to_string(),
+            "invalid CODER_ADD_TUN=\"yes\": expected true, false, 1 or 0"
+        );
     }
 
     #[test]
@@ -626,8 +645,18 @@ mod tests {
         assert_eq!(b.pod_addr, Ipv4Addr::new(172, 31, 0, 129));
         let b = parse_bridge_cidr("10.213.0.0/30").unwrap();
         assert_eq!(b.pod_addr, Ipv4Addr::new(10, 213, 0, 1));
-        for bad in ["10.0.0.0/31", "fe80::/64", "nonsense", "10.0.0.0", "10.0.0.0/0", "300.1.1.1/24"] {
-            assert_eq!(parse_bridge_cidr(bad).unwrap_err().variable, "CODER_DOCKER_BRIDGE_CIDR");
+        for bad in [
+            "10.0.0.0/31",
+            "fe80::/64",
+            "nonsense",
+            "10.0.0.0",
+            "10.0.0.0/0",
+            "300.1.1.1/24",
+        ] {
+            assert_eq!(
+                parse_bridge_cidr(bad).unwrap_err().variable,
+                "CODER_DOCKER_BRIDGE_CIDR"
+            );
         }
     }
 
@@ -637,8 +666,19 @@ mod tests {
         assert_eq!(m.len(), 3);
         assert!(m[1].read_only);
         assert!(!m[2].read_only);
-        for bad in ["relative:/x", "/a", "/a:/b:rx", "/a:b", "/a:/b:ro:x", "/a/../b:/c"] {
-            assert_eq!(parse_mounts(&s(bad)).unwrap_err().variable, "CODER_MOUNTS", "{bad}");
+        for bad in [
+            "relative:/x",
+            "/a",
+            "/a:/b:rx",
+            "/a:b",
+            "/a:/b:ro:x",
+            "/a/../b:/c",
+        ] {
+            assert_eq!(
+                parse_mounts(&s(bad)).unwrap_err().variable,
+                "CODER_MOUNTS",
+                "{bad}"
+            );
         }
     }
 
@@ -647,7 +687,10 @@ mod tests {
         let f = parse_env_filters(&s("FOO, BAR_*,FOO,BAR_*"));
         assert_eq!(
             f,
-            vec![EnvFilter::Exact("FOO".into()), EnvFilter::Prefix("BAR_".into())]
+            vec![
+                EnvFilter::Exact("FOO".into()),
+                EnvFilter::Prefix("BAR_".into())
+            ]
         );
     }
 
@@ -661,8 +704,14 @@ mod tests {
 
     #[test]
     fn shutdown_timeout() {
-        assert_eq!(parse_seconds("X", &s("10")).unwrap(), Some(Duration::from_secs(10)));
-        assert_eq!(parse_seconds("X", &s("10s")).unwrap(), Some(Duration::from_secs(10)));
+        assert_eq!(
+            parse_seconds("X", &s("10")).unwrap(),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            parse_seconds("X", &s("10s")).unwrap(),
+            Some(Duration::from_secs(10))
+        );
         assert!(parse_seconds("X", &s("soon")).is_err());
         assert!(parse_seconds("X", &s("0")).is_err());
     }
@@ -690,6 +739,9 @@ mod tests {
             runtime: s("/bin/sh"),
             ..Default::default()
         };
-        assert_eq!(Config::from_args(&a).unwrap_err().variable, "CODER_USR_LIB_DIR");
+        assert_eq!(
+            Config::from_args(&a).unwrap_err().variable,
+            "CODER_USR_LIB_DIR"
+        );
     }
 }

@@ -35,21 +35,38 @@ fn exec(a: &ExecArgs) -> Result<Never, String> {
     let rec = WorkspaceRecord::load(&state_dir).map_err(|e| e.to_string())?;
     let spec_path = rec.bundle.join("config.json");
     let spec = Spec::load(&spec_path).map_err(|e| format!("{}: {e}", spec_path.display()))?;
-    let rootfs = spec.root().as_ref().map(|r| r.path().clone()).unwrap_or_default();
+    let rootfs = spec
+        .root()
+        .as_ref()
+        .map(|r| r.path().clone())
+        .unwrap_or_default();
     let user = match a.user.as_deref() {
         None => rec.user.clone().into(),
         Some(u) => resolve_user(&rootfs, u)?,
     };
-    let mut envv = spec.process().as_ref().and_then(|p| p.env().clone()).unwrap_or_default();
+    let mut envv = spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.env().clone())
+        .unwrap_or_default();
     env::set(&mut envv, "HOME", &user.home);
     env::set(&mut envv, "USER", &user.name);
     let args = if a.command.is_empty() {
-        vec![if user.shell.is_empty() { "/bin/sh".to_string() } else { user.shell.clone() }]
+        vec![if user.shell.is_empty() {
+            "/bin/sh".to_string()
+        } else {
+            user.shell.clone()
+        }]
     } else {
         a.command.clone()
     };
-    let tty = rustix::termios::isatty(std::io::stdin()) && rustix::termios::isatty(std::io::stdout());
-    let cwd = if user.home.is_empty() { "/".to_string() } else { user.home.clone() };
+    let tty =
+        rustix::termios::isatty(std::io::stdin()) && rustix::termios::isatty(std::io::stdout());
+    let cwd = if user.home.is_empty() {
+        "/".to_string()
+    } else {
+        user.home.clone()
+    };
     let process = process_spec(&user, envv, args, &cwd, tty).map_err(|e| e.to_string())?;
     // The process description carries the agent token: it goes through an anonymous memory file,
     // never the command line or the disk.
@@ -59,7 +76,11 @@ fn exec(a: &ExecArgs) -> Result<Never, String> {
     rustix::io::write(&fd, &json).map_err(|e| format!("writing the process description: {e}"))?;
     let proc_path = format!("/proc/self/fd/{}", fd.as_raw_fd());
     let mut cmd = std::process::Command::new(&rec.runtime);
-    cmd.arg("--root").arg(&rec.runtime_root).arg("exec").arg("--process").arg(&proc_path);
+    cmd.arg("--root")
+        .arg(&rec.runtime_root)
+        .arg("exec")
+        .arg("--process")
+        .arg(&proc_path);
     if tty {
         cmd.arg("--tty");
     }
@@ -71,7 +92,13 @@ fn exec(a: &ExecArgs) -> Result<Never, String> {
 /// `name`, `uid` or `uid:gid`; names are looked up in the workspace image's own /etc/passwd.
 fn resolve_user(rootfs: &std::path::Path, u: &str) -> Result<UserInfo, String> {
     let (first, gid) = match u.split_once(':') {
-        Some((a, b)) => (a, Some(b.parse::<u32>().map_err(|_| format!("--user {u:?}: the group must be numeric"))?)),
+        Some((a, b)) => (
+            a,
+            Some(
+                b.parse::<u32>()
+                    .map_err(|_| format!("--user {u:?}: the group must be numeric"))?,
+            ),
+        ),
         None => (u, None),
     };
     let mut info = lookup_user(rootfs, first).or_else(|e| match first.parse::<u32>() {

@@ -4,6 +4,7 @@ pub mod buildlog;
 pub mod bundle;
 pub mod cgroup;
 pub mod cli;
+pub mod coderlog;
 pub mod config;
 pub mod exec;
 pub mod image;

@@ -171,7 +171,10 @@ fn start_workspace(
 ) -> Result<Running, Abort> {
     let failed = |e: &dyn std::fmt::Display| Abort::Failed(e.to_string());
     std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
-        Abort::Failed(format!("creating CODER_STATE_DIR {}: {e}", cfg.state_dir.display()))
+        Abort::Failed(format!(
+            "creating CODER_STATE_DIR {}: {e}",
+            cfg.state_dir.display()
+        ))
     })?;
 
     // sysbox's daemons start while the image is pulled.
@@ -224,7 +227,11 @@ fn start_workspace(
     ));
 
     let t = Instant::now();
-    let (layers, cache, state) = (image::layer_blobs(p), cfg.image.cache_dir.clone(), cfg.state_dir.clone());
+    let (layers, cache, state) = (
+        image::layer_blobs(p),
+        cfg.image.cache_dir.clone(),
+        cfg.state_dir.clone(),
+    );
     let l = Arc::clone(log);
     let rootfs = sup
         .run_step("unpack", move || {
@@ -294,11 +301,18 @@ fn start_workspace(
         runtime::oci::OciRuntime::default_root(cfg.runtime.kind, &cfg.state_dir),
         Arc::clone(sup),
     );
-    let ws = workspace::Workspace::create(runtime, Arc::clone(sup), &id, &bundle, &cfg.state_dir, &facts.user)
-        .map_err(|e| {
-            on_error(&rootfs);
-            failed(&e)
-        })?;
+    let ws = workspace::Workspace::create(
+        runtime,
+        Arc::clone(sup),
+        &id,
+        &bundle,
+        &cfg.state_dir,
+        &facts.user,
+    )
+    .map_err(|e| {
+        on_error(&rootfs);
+        failed(&e)
+    })?;
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let dirs = cgroup::workspace_dirs(&cgroup::hierarchies(&mountinfo), &bundle.cgroups_path);
     if let Err(e) = cgroup::delegate(kernel, &dirs) {
@@ -332,11 +346,22 @@ fn start_workspace(
         }
         None => None,
     };
-    Ok(Running { ws, bootstrap, rootfs, daemons })
+    Ok(Running {
+        ws,
+        bootstrap,
+        rootfs,
+        daemons,
+    })
 }
 
 /// After start-up: wait for a stop request or an unexpected exit, then stop in order.
-fn supervise(cfg: &Config, log: &BuildLog, sup: &Arc<Supervisor>, kernel: &RealKernel, mut r: Running) -> ExitCode {
+fn supervise(
+    cfg: &Config,
+    log: &BuildLog,
+    sup: &Arc<Supervisor>,
+    kernel: &RealKernel,
+    mut r: Running,
+) -> ExitCode {
     let mut watched = vec![r.ws.pid];
     if let Some(b) = &r.bootstrap {
         watched.push(b.client_pid);
@@ -347,7 +372,9 @@ fn supervise(cfg: &Config, log: &BuildLog, sup: &Arc<Supervisor>, kernel: &RealK
     let unexpected = loop {
         match sup.wait_event(&watched, 0, None) {
             Wake::Stop(_) => break None,
-            Wake::Exited(pid, _, exit) if Some(pid) == r.bootstrap.as_ref().map(|b| b.client_pid) => {
+            Wake::Exited(pid, _, exit)
+                if Some(pid) == r.bootstrap.as_ref().map(|b| b.client_pid) =>
+            {
                 let _ = sup.try_exit(pid);
                 log.info(format!("The bootstrap script ended ({exit})"));
                 watched.retain(|p| *p != pid);
@@ -355,7 +382,11 @@ fn supervise(cfg: &Config, log: &BuildLog, sup: &Arc<Supervisor>, kernel: &RealK
             }
             Wake::Exited(pid, _, exit) => {
                 let msg = match r.daemons.as_ref().and_then(|d| d.name_of(pid)) {
-                    Some(d) => format!("{} exited unexpectedly ({exit}); its last output:\n{}", d.name, d.tail.text()),
+                    Some(d) => format!(
+                        "{} exited unexpectedly ({exit}); its last output:\n{}",
+                        d.name,
+                        d.tail.text()
+                    ),
                     None => format!(
                         "the workspace's init ended unexpectedly ({exit}); its last output:\n{}",
                         r.ws.init_output.text()

@@ -20,7 +20,12 @@ pub enum PodError {
 /// (sysbox's own message blames the kernel's seccomp level, sysbox#891).
 pub fn check_privileged() -> Result<(), PodError> {
     use caps::{CapSet, Capability};
-    let needed = [Capability::CAP_SYS_ADMIN, Capability::CAP_NET_ADMIN, Capability::CAP_MKNOD, Capability::CAP_CHOWN];
+    let needed = [
+        Capability::CAP_SYS_ADMIN,
+        Capability::CAP_NET_ADMIN,
+        Capability::CAP_MKNOD,
+        Capability::CAP_CHOWN,
+    ];
     let missing: Vec<String> = needed
         .iter()
         .filter(|c| !caps::has_cap(None, CapSet::Effective, **c).unwrap_or(false))
@@ -29,7 +34,9 @@ pub fn check_privileged() -> Result<(), PodError> {
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(PodError::NotPrivileged { missing: missing.join(", ") })
+        Err(PodError::NotPrivileged {
+            missing: missing.join(", "),
+        })
     }
 }
 

@@ -53,7 +53,9 @@ pub fn register_value(v: &str) {
         }
     };
     if v.contains('\n') {
-        v.lines().filter(|l| l.trim().len() >= 16).for_each(&mut add);
+        v.lines()
+            .filter(|l| l.trim().len() >= 16)
+            .for_each(&mut add);
     } else {
         add(v);
     }

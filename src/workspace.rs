@@ -76,17 +76,24 @@ impl WorkspaceRecord {
         let text = std::fs::read_to_string(&p).map_err(|e| {
             std::io::Error::new(
                 e.kind(),
-                format!("{}: {e} (is envbox running with this CODER_STATE_DIR?)", p.display()),
+                format!(
+                    "{}: {e} (is envbox running with this CODER_STATE_DIR?)",
+                    p.display()
+                ),
             )
         })?;
-        serde_json::from_str(&text).map_err(|e| std::io::Error::other(format!("{}: {e}", p.display())))
+        serde_json::from_str(&text)
+            .map_err(|e| std::io::Error::other(format!("{}: {e}", p.display())))
     }
 }
 
 /// A fresh id per start: sysbox-mgr keeps per-id state after `delete`, and re-using an id breaks a
 /// later `create`.
 pub fn fresh_id() -> String {
-    let ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
     format!("envbox-ws-{ms}")
 }
 
@@ -136,7 +143,10 @@ impl Workspace {
         };
         let p = state_dir.join(STATE_FILE);
         if let Err(e) = write_private_json(&p, &record) {
-            log::warn!("cannot record the workspace in {}: {e}; `envbox exec` will not find it", p.display());
+            log::warn!(
+                "cannot record the workspace in {}: {e}; `envbox exec` will not find it",
+                p.display()
+            );
         }
         Ok(Workspace {
             id: id.to_string(),
@@ -173,11 +183,12 @@ impl Workspace {
             "-c".into(),
             "mkdir -p \"$BINARY_DIR\" && exec /bin/sh -s".into(),
         ];
-        let process = process_spec(user, env, args, &user.home, false).map_err(|e| RuntimeError::Failed {
-            command: "bootstrap process".into(),
-            exit: Exit::Code(0),
-            stderr: e.to_string(),
-        })?;
+        let process =
+            process_spec(user, env, args, &user.home, false).map_err(|e| RuntimeError::Failed {
+                command: "bootstrap process".into(),
+                exit: Exit::Code(0),
+                stderr: e.to_string(),
+            })?;
         let proc_file = self.state_dir.join("bootstrap-process.json");
         let pid_file = self.state_dir.join("bootstrap.pid");
         let _ = std::fs::remove_file(&pid_file);
@@ -185,9 +196,13 @@ impl Workspace {
             command: format!("writing {}", proc_file.display()),
             source: e,
         })?;
-        let mut child: Child = self
-            .runtime
-            .spawn_exec(&self.id, &proc_file, Some(&pid_file), false, ExecStdio::Piped)?;
+        let mut child: Child = self.runtime.spawn_exec(
+            &self.id,
+            &proc_file,
+            Some(&pid_file),
+            false,
+            ExecStdio::Piped,
+        )?;
         let client_pid = child.id() as i32;
         if let Some(mut stdin) = child.stdin.take() {
             let script = script.to_string();
@@ -197,8 +212,20 @@ impl Workspace {
             });
         }
         for (name, pipe) in [
-            ("bootstrap-out", child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>)),
-            ("bootstrap-err", child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>)),
+            (
+                "bootstrap-out",
+                child
+                    .stdout
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            ),
+            (
+                "bootstrap-err",
+                child
+                    .stderr
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            ),
         ] {
             if let Some(p) = pipe {
                 let log = Arc::clone(&log);
@@ -215,13 +242,21 @@ impl Workspace {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        Ok(Bootstrap { client_pid, inner_pid })
+        Ok(Bootstrap {
+            client_pid,
+            inner_pid,
+        })
     }
 
     /// The ordered stop: the agent first (its shutdown scripts), then the workspace's PID 1 with its
     /// stop signal, SIGKILL at the deadline, then `delete`. Returns whether everything stopped
     /// without force.
-    pub fn stop(&self, bootstrap: Option<&Bootstrap>, deadline: Instant, hurry: impl Fn() -> bool) -> bool {
+    pub fn stop(
+        &self,
+        bootstrap: Option<&Bootstrap>,
+        deadline: Instant,
+        hurry: impl Fn() -> bool,
+    ) -> bool {
         let mut clean = true;
         let total = deadline.saturating_duration_since(Instant::now());
         // The agent may use up to half of the budget; the workspace gets the rest.
@@ -231,18 +266,24 @@ impl Workspace {
                 signal_pid(p, libc::SIGTERM);
             }
             let _ = self.sup.signal(b.client_pid, libc::SIGTERM);
-            if self.sup.wait_exit(b.client_pid, Some(agent_deadline)).is_none() {
+            if self
+                .sup
+                .wait_exit(b.client_pid, Some(agent_deadline))
+                .is_none()
+            {
                 log::warn!("the bootstrap did not stop within {:?}", total / 2);
                 clean = false;
             }
         }
-        if !hurry() {
+        let mut exited = self.sup.try_exit(self.pid).is_some();
+        if !exited && !hurry() {
             if let Err(e) = self.runtime.kill(&self.id, self.stop_signal) {
                 log::warn!("sending the stop signal to the workspace: {e}");
             }
             // Keep a second for the kill and delete after the deadline's SIGKILL.
-            let wait_until = deadline.checked_sub(Duration::from_secs(1)).unwrap_or(deadline);
-            let mut exited = false;
+            let wait_until = deadline
+                .checked_sub(Duration::from_secs(1))
+                .unwrap_or(deadline);
             while !exited && Instant::now() < wait_until && !hurry() {
                 let step = (Instant::now() + Duration::from_millis(100)).min(wait_until);
                 exited = self.sup.wait_exit(self.pid, Some(step)).is_some();
@@ -252,9 +293,11 @@ impl Workspace {
                 clean = false;
             }
         }
-        if self.sup.try_exit(self.pid).is_none() {
+        if !exited {
             let _ = self.runtime.kill(&self.id, libc::SIGKILL);
-            let _ = self.sup.wait_exit(self.pid, Some(Instant::now() + Duration::from_secs(2)));
+            let _ = self
+                .sup
+                .wait_exit(self.pid, Some(Instant::now() + Duration::from_secs(2)));
         }
         if let Err(e) = self.runtime.delete(&self.id, true) {
             log::warn!("deleting the workspace container: {e}");
@@ -271,7 +314,12 @@ fn signal_pid(pid: i32, sig: i32) {
 }
 
 fn read_pid(p: &Path) -> Option<i32> {
-    std::fs::read_to_string(p).ok()?.trim().parse().ok().filter(|&n: &i32| n > 0)
+    std::fs::read_to_string(p)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&n: &i32| n > 0)
 }
 
 /// A process description for `exec --process`: the workspace's environment, the user's ids, the full

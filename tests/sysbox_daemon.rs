@@ -31,19 +31,51 @@ fn readiness_restart_and_early_exit() {
         socket: socket.clone(),
         ready_within: Duration::from_millis(400),
     };
-    let opts = SysboxOptions { bin_dir: Some(dir.path().to_path_buf()), disable_idmapped_mount: false };
+    let opts = SysboxOptions {
+        bin_dir: Some(dir.path().to_path_buf()),
+        disable_idmapped_mount: false,
+    };
 
-    write_daemon(dir.path(), "echo 'msg=\"mount: operation not permitted\"' >&2\nexit 3");
-    let err = start_daemon(&sup, &opts, &spec, &|_| {}, &|| false).err().unwrap();
-    assert!(matches!(err, SysboxError::EarlyExit { exit: Exit::Code(3), .. }), "{err}");
+    write_daemon(
+        dir.path(),
+        "echo 'msg=\"mount: operation not permitted\"' >&2\nexit 3",
+    );
+    let err = start_daemon(&sup, &opts, &spec, &|_| {}, &|| false)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            err,
+            SysboxError::EarlyExit {
+                exit: Exit::Code(3),
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("privileged"), "{err}");
 
     write_daemon(dir.path(), "exec sleep 30");
     let said = std::sync::Mutex::new(Vec::new());
-    let err = start_daemon(&sup, &opts, &spec, &|m| said.lock().unwrap().push(m.to_string()), &|| false)
-        .err()
-        .unwrap();
-    assert!(matches!(err, SysboxError::NotReady { attempts: MAX_STARTS, .. }), "{err}");
+    let err = start_daemon(
+        &sup,
+        &opts,
+        &spec,
+        &|m| said.lock().unwrap().push(m.to_string()),
+        &|| false,
+    )
+    .err()
+    .unwrap();
+    assert!(
+        matches!(
+            err,
+            SysboxError::NotReady {
+                attempts: MAX_STARTS,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_eq!(said.lock().unwrap().len() as u32, MAX_STARTS - 1);
 
     let py = format!(

@@ -16,19 +16,33 @@ pub struct DeviceError {
 }
 
 /// Creates (or re-uses, on a restart) the requested nodes under `dir`.
-pub fn prepare(kernel: &dyn Kernel, dir: &Path, add_tun: bool, add_fuse: bool) -> Result<Vec<DeviceBind>, DeviceError> {
+pub fn prepare(
+    kernel: &dyn Kernel,
+    dir: &Path,
+    add_tun: bool,
+    add_fuse: bool,
+) -> Result<Vec<DeviceBind>, DeviceError> {
     let mut out = Vec::new();
     for (wanted, node, name) in [(add_tun, TUN, "tun"), (add_fuse, FUSE, "fuse")] {
         if !wanted {
             continue;
         }
         let path = dir.join(name);
-        let err = |source| DeviceError { path: path.display().to_string(), inside: node.path, source };
+        let err = |source| DeviceError {
+            path: path.display().to_string(),
+            inside: node.path,
+            source,
+        };
         kernel.create_dir_all(dir).map_err(err)?;
         ensure_node(kernel, &path, node).map_err(err)?;
-        kernel.chown(&path, ID_MAP_HOST_START, ID_MAP_HOST_START).map_err(err)?;
+        kernel
+            .chown(&path, ID_MAP_HOST_START, ID_MAP_HOST_START)
+            .map_err(err)?;
         kernel.chmod(&path, 0o666).map_err(err)?;
-        out.push(DeviceBind { node, host_path: path });
+        out.push(DeviceBind {
+            node,
+            host_path: path,
+        });
     }
     Ok(out)
 }
@@ -43,7 +57,13 @@ fn ensure_node(kernel: &dyn Kernel, path: &Path, node: DeviceNode) -> std::io::R
         }
         std::fs::remove_file(path)?;
     }
-    match kernel.mknod(path, NodeKind::Char, node.major as u32, node.minor as u32, 0o666) {
+    match kernel.mknod(
+        path,
+        NodeKind::Char,
+        node.major as u32,
+        node.minor as u32,
+        0o666,
+    ) {
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
         r => r,
     }
@@ -69,14 +89,21 @@ mod tests {
             minor: 200,
             mode: 0o666
         }));
-        assert!(calls.contains(&Call::Chown { path: dir.path().join("fuse"), uid: 100000, gid: 100000 }));
+        assert!(calls.contains(&Call::Chown {
+            path: dir.path().join("fuse"),
+            uid: 100000,
+            gid: 100000
+        }));
     }
 
     #[test]
     fn existing_node_on_restart_is_not_an_error() {
         let k = RecordingKernel::default();
         let dir = tempfile::tempdir().unwrap();
-        k.existing_nodes.lock().unwrap().push(dir.path().join("tun"));
+        k.existing_nodes
+            .lock()
+            .unwrap()
+            .push(dir.path().join("tun"));
         assert!(prepare(&k, dir.path(), true, false).is_ok());
     }
 }

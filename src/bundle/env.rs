@@ -24,13 +24,18 @@ pub const SYSBOX_KNOWN: &[&str] = &[
 ];
 
 /// Pod variables selected by the filters, in filter order then environment order, each at most once.
-pub fn select_pod_env(filters: &[EnvFilter], pod_env: &[(String, String)]) -> Vec<(String, String)> {
+pub fn select_pod_env(
+    filters: &[EnvFilter],
+    pod_env: &[(String, String)],
+) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::new();
     for f in filters {
         for (k, v) in pod_env {
             let hit = match f {
                 EnvFilter::Exact(name) => k == name,
-                EnvFilter::Prefix(p) => k.starts_with(p.as_str()) && !NEVER_BY_WILDCARD.contains(&k.as_str()),
+                EnvFilter::Prefix(p) => {
+                    k.starts_with(p.as_str()) && !NEVER_BY_WILDCARD.contains(&k.as_str())
+                }
             };
             if hit && !out.iter().any(|(ok, _)| ok == k) {
                 out.push((k.clone(), v.clone()));
@@ -48,7 +53,10 @@ pub fn sysbox_rejects(vars: &[(String, String)]) -> Option<(String, &'static str
         } else if !SYSBOX_KNOWN.contains(&k.as_str()) {
             Some((k.clone(), "sysbox-runc rejects unknown SYSBOX_* variables"))
         } else if v.contains('=') {
-            Some((k.clone(), "sysbox-runc rejects SYSBOX_* values containing '='"))
+            Some((
+                k.clone(),
+                "sysbox-runc rejects SYSBOX_* values containing '='",
+            ))
         } else {
             None
         }
@@ -73,7 +81,10 @@ pub fn agent_subsystem(existing: Option<&str>) -> String {
 pub fn set(env: &mut Vec<String>, key: &str, value: &str) {
     let prefix = format!("{key}=");
     let entry = format!("{key}={value}");
-    match env.iter_mut().find(|e| e.starts_with(&prefix) || e.as_str() == key) {
+    match env
+        .iter_mut()
+        .find(|e| e.starts_with(&prefix) || e.as_str() == key)
+    {
         Some(e) => *e = entry,
         None => env.push(entry),
     }
@@ -99,14 +110,22 @@ pub fn workspace_env(
         }
     }
     if get(&env, "PATH").is_none() {
-        set(&mut env, "PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+        set(
+            &mut env,
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
     }
     set(&mut env, "CODER_AGENT_TOKEN", agent_token);
     let subsystem = selected
         .iter()
         .find(|(k, _)| k == "CODER_AGENT_SUBSYSTEM")
         .map(|(_, v)| v.as_str());
-    set(&mut env, "CODER_AGENT_SUBSYSTEM", &agent_subsystem(subsystem));
+    set(
+        &mut env,
+        "CODER_AGENT_SUBSYSTEM",
+        &agent_subsystem(subsystem),
+    );
     for (k, v) in selected.iter().chain(gpu_env) {
         if k != "CODER_AGENT_SUBSYSTEM" {
             set(&mut env, k, v);
@@ -150,7 +169,9 @@ mod tests {
     #[test]
     fn wildcard_never_leaks_secrets_but_exact_names_do_pass() {
         let got = select_pod_env(&[EnvFilter::Prefix(String::new())], &pod());
-        assert!(got.iter().all(|(k, _)| !NEVER_BY_WILDCARD.contains(&k.as_str())));
+        assert!(got
+            .iter()
+            .all(|(k, _)| !NEVER_BY_WILDCARD.contains(&k.as_str())));
         assert!(got.iter().any(|(k, _)| k == "HOME"));
         let exact = select_pod_env(&[EnvFilter::Exact("CODER_BOOTSTRAP_SCRIPT".into())], &pod());
         assert_eq!(exact.len(), 1);
@@ -160,14 +181,24 @@ mod tests {
     fn subsystem_is_merged() {
         assert_eq!(agent_subsystem(None), "envbox");
         assert_eq!(agent_subsystem(Some("exectrace")), "envbox,exectrace");
-        assert_eq!(agent_subsystem(Some(" zeta, envbox,,alpha")), "alpha,envbox,zeta");
+        assert_eq!(
+            agent_subsystem(Some(" zeta, envbox,,alpha")),
+            "alpha,envbox,zeta"
+        );
     }
 
     #[test]
     fn final_env_overrides_image_and_keeps_order() {
-        let image = vec!["PATH=/usr/bin".to_string(), "LANG=C".into(), "TEST_VAR=old".into()];
+        let image = vec![
+            "PATH=/usr/bin".to_string(),
+            "LANG=C".into(),
+            "TEST_VAR=old".into(),
+        ];
         let sel = select_pod_env(
-            &[EnvFilter::Exact("TEST_VAR".into()), EnvFilter::Exact("CODER_AGENT_SUBSYSTEM".into())],
+            &[
+                EnvFilter::Exact("TEST_VAR".into()),
+                EnvFilter::Exact("CODER_AGENT_SUBSYSTEM".into()),
+            ],
             &pod(),
         );
         let env = workspace_env(&image, "tok", &sel, &[]);

@@ -82,8 +82,14 @@ pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, Bundl
         let p = etc.join(name);
         kernel.write_file(&p, content.as_bytes()).map_err(io(&p))?;
         // Owned by the workspace's root, so it can edit them like any container's.
-        kernel.chown(&p, ID_MAP_HOST_START, ID_MAP_HOST_START).map_err(io(&p))?;
-        binds.push(BindMount { source: p, target: inside.into(), read_only: false });
+        kernel
+            .chown(&p, ID_MAP_HOST_START, ID_MAP_HOST_START)
+            .map_err(io(&p))?;
+        binds.push(BindMount {
+            source: p,
+            target: inside.into(),
+            read_only: false,
+        });
     }
 
     let init = if input.facts.has_init {
@@ -94,19 +100,31 @@ pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, Bundl
             target: INIT_PATH_INSIDE.into(),
             read_only: true,
         });
-        WorkspaceInit::Envbox { path_inside: INIT_PATH_INSIDE.into() }
+        WorkspaceInit::Envbox {
+            path_inside: INIT_PATH_INSIDE.into(),
+        }
     };
     let planned = mounts::plan(&input.facts.user, &cfg.mounts);
     let mut all_binds = mounts::prepare(kernel, &planned)?;
     all_binds.extend(binds);
 
     let devices = devices::prepare(kernel, &input.dir.join("dev"), cfg.add_tun, cfg.add_fuse)?;
-    let token = cfg.agent_token.as_ref().map(|t| t.expose()).unwrap_or_default();
+    let token = cfg
+        .agent_token
+        .as_ref()
+        .map(|t| t.expose())
+        .unwrap_or_default();
     let env = env::workspace_env(&input.image.env, token, &cfg.passed_env, &[]);
     let cwd = cfg
         .work_dir
         .clone()
-        .or_else(|| input.image.working_dir.clone().filter(|w| w.starts_with('/')))
+        .or_else(|| {
+            input
+                .image
+                .working_dir
+                .clone()
+                .filter(|w| w.starts_with('/'))
+        })
         .unwrap_or_else(|| "/".into());
     let stop_signal = match init {
         WorkspaceInit::Systemd => signals::sigrtmin_plus_3(),
@@ -134,7 +152,13 @@ pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, Bundl
     let spec = spec::build(&ws)?;
     let path = input.dir.join("config.json");
     write_private_json(&path, &spec).map_err(io(&path))?;
-    Ok(Bundle { dir: input.dir.to_path_buf(), init, stop_signal, env, cgroups_path })
+    Ok(Bundle {
+        dir: input.dir.to_path_buf(),
+        init,
+        stop_signal,
+        env,
+        cgroups_path,
+    })
 }
 
 /// Writes JSON readable by root only: config.json carries the agent token.

@@ -30,7 +30,9 @@ pub const PRIVATE_TARGETS: &[&str] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    #[error("CODER_MOUNTS: source {0} does not exist in the pod; mount a volume there or fix the path")]
+    #[error(
+        "CODER_MOUNTS: source {0} does not exist in the pod; mount a volume there or fix the path"
+    )]
     MissingSource(PathBuf),
     #[error("preparing mount source {path}: {source}")]
     Io {
@@ -42,7 +44,10 @@ pub enum MountError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ownership {
     Keep,
-    Chown { uid: u32, gid: u32 },
+    Chown {
+        uid: u32,
+        gid: u32,
+    },
     /// A default source envbox created or that is still root-owned: give it to the workspace's root.
     DefaultVolume,
 }
@@ -64,7 +69,11 @@ pub fn plan(user: &UserInfo, user_mounts: &[MountSpec]) -> Vec<PlannedMount> {
         .iter()
         .filter(|(_, dst)| !user_mounts.iter().any(|m| m.target == Path::new(dst)))
         .map(|(src, dst)| PlannedMount {
-            bind: BindMount { source: src.into(), target: dst.into(), read_only: false },
+            bind: BindMount {
+                source: src.into(),
+                target: dst.into(),
+                read_only: false,
+            },
             ownership: Ownership::DefaultVolume,
             is_default: true,
         })
@@ -73,13 +82,26 @@ pub fn plan(user: &UserInfo, user_mounts: &[MountSpec]) -> Vec<PlannedMount> {
     for m in user_mounts {
         let ownership = if m.read_only || is_private(&m.target) {
             Ownership::Keep
-        } else if m.target == home || m.source.starts_with("/home") || m.source == Path::new("/root") {
-            Ownership::Chown { uid: ID_MAP_HOST_START + user.uid, gid: ID_MAP_HOST_START + user.gid }
+        } else if m.target == home
+            || m.source.starts_with("/home")
+            || m.source == Path::new("/root")
+        {
+            Ownership::Chown {
+                uid: ID_MAP_HOST_START + user.uid,
+                gid: ID_MAP_HOST_START + user.gid,
+            }
         } else {
-            Ownership::Chown { uid: ID_MAP_HOST_START, gid: ID_MAP_HOST_START }
+            Ownership::Chown {
+                uid: ID_MAP_HOST_START,
+                gid: ID_MAP_HOST_START,
+            }
         };
         out.push(PlannedMount {
-            bind: BindMount { source: m.source.clone(), target: m.target.clone(), read_only: m.read_only },
+            bind: BindMount {
+                source: m.source.clone(),
+                target: m.target.clone(),
+                read_only: m.read_only,
+            },
             ownership,
             is_default: false,
         });
@@ -89,7 +111,10 @@ pub fn plan(user: &UserInfo, user_mounts: &[MountSpec]) -> Vec<PlannedMount> {
 }
 
 /// Creates missing default sources, checks user sources exist, and sets ownership.
-pub fn prepare(kernel: &dyn Kernel, planned: &[PlannedMount]) -> Result<Vec<BindMount>, MountError> {
+pub fn prepare(
+    kernel: &dyn Kernel,
+    planned: &[PlannedMount],
+) -> Result<Vec<BindMount>, MountError> {
     use std::os::unix::fs::MetadataExt;
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -101,14 +126,18 @@ pub fn prepare(kernel: &dyn Kernel, planned: &[PlannedMount]) -> Result<Vec<Bind
         match (&m.ownership, meta) {
             (Ownership::DefaultVolume, Err(_)) => {
                 kernel.create_dir_all(src).map_err(io(src))?;
-                kernel.chown(src, ID_MAP_HOST_START, ID_MAP_HOST_START).map_err(io(src))?;
+                kernel
+                    .chown(src, ID_MAP_HOST_START, ID_MAP_HOST_START)
+                    .map_err(io(src))?;
                 kernel.chmod(src, 0o711).map_err(io(src))?;
             }
             (Ownership::DefaultVolume, Ok(md)) => {
                 // Root-owned means never handed over (a fresh volume); anything else was set
                 // deliberately, by us on an earlier start or by the platform team.
                 if md.uid() == 0 && md.gid() == 0 {
-                    kernel.chown(src, ID_MAP_HOST_START, ID_MAP_HOST_START).map_err(io(src))?;
+                    kernel
+                        .chown(src, ID_MAP_HOST_START, ID_MAP_HOST_START)
+                        .map_err(io(src))?;
                 }
             }
             (_, Err(_)) => return Err(MountError::MissingSource(src.clone())),
@@ -141,7 +170,11 @@ mod tests {
     }
 
     fn m(s: &str, t: &str, ro: bool) -> MountSpec {
-        MountSpec { source: s.into(), target: t.into(), read_only: ro }
+        MountSpec {
+            source: s.into(),
+            target: t.into(),
+            read_only: ro,
+        }
     }
 
     #[test]
@@ -155,10 +188,28 @@ mod tests {
                 m("/node/modules", "/lib/modules", false),
             ],
         );
-        let own = |t: &str| p.iter().find(|x| x.bind.target == Path::new(t)).unwrap().ownership.clone();
-        assert_eq!(own("/home/coder"), Ownership::Chown { uid: 101000, gid: 101001 });
+        let own = |t: &str| {
+            p.iter()
+                .find(|x| x.bind.target == Path::new(t))
+                .unwrap()
+                .ownership
+                .clone()
+        };
+        assert_eq!(
+            own("/home/coder"),
+            Ownership::Chown {
+                uid: 101000,
+                gid: 101001
+            }
+        );
         assert_eq!(own("/var/secrets"), Ownership::Keep);
-        assert_eq!(own("/data"), Ownership::Chown { uid: 100000, gid: 100000 });
+        assert_eq!(
+            own("/data"),
+            Ownership::Chown {
+                uid: 100000,
+                gid: 100000
+            }
+        );
         assert_eq!(own("/lib/modules"), Ownership::Keep);
         assert_eq!(own("/var/lib/docker"), Ownership::DefaultVolume);
     }
@@ -167,12 +218,25 @@ mod tests {
     fn user_mount_replaces_default_and_parents_come_first() {
         let p = plan(
             &coder(),
-            &[m("/x/deep", "/home/coder/deep", false), m("/v/docker", "/var/lib/docker", false), m("/home/coder", "/home/coder", false)],
+            &[
+                m("/x/deep", "/home/coder/deep", false),
+                m("/v/docker", "/var/lib/docker", false),
+                m("/home/coder", "/home/coder", false),
+            ],
         );
-        let targets: Vec<_> = p.iter().map(|x| x.bind.target.display().to_string()).collect();
-        assert_eq!(targets.iter().filter(|t| *t == "/var/lib/docker").count(), 1);
+        let targets: Vec<_> = p
+            .iter()
+            .map(|x| x.bind.target.display().to_string())
+            .collect();
+        assert_eq!(
+            targets.iter().filter(|t| *t == "/var/lib/docker").count(),
+            1
+        );
         let home = targets.iter().position(|t| t == "/home/coder").unwrap();
-        let deep = targets.iter().position(|t| t == "/home/coder/deep").unwrap();
+        let deep = targets
+            .iter()
+            .position(|t| t == "/home/coder/deep")
+            .unwrap();
         assert!(home < deep);
     }
 
@@ -181,25 +245,47 @@ mod tests {
         let k = RecordingKernel::default();
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope");
-        let err = prepare(&k, &plan(&coder(), &[m(missing.to_str().unwrap(), "/data", false)])).unwrap_err();
+        let err = prepare(
+            &k,
+            &plan(&coder(), &[m(missing.to_str().unwrap(), "/data", false)]),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
         let fresh = dir.path().join("docker");
         let planned = vec![PlannedMount {
-            bind: BindMount { source: fresh.clone(), target: "/var/lib/docker".into(), read_only: false },
+            bind: BindMount {
+                source: fresh.clone(),
+                target: "/var/lib/docker".into(),
+                read_only: false,
+            },
             ownership: Ownership::DefaultVolume,
             is_default: true,
         }];
         prepare(&k, &planned).unwrap();
         let calls = k.calls();
         assert!(calls.contains(&Call::Mkdir(fresh.clone())));
-        assert!(calls.contains(&Call::Chown { path: fresh.clone(), uid: 100000, gid: 100000 }));
+        assert!(calls.contains(&Call::Chown {
+            path: fresh.clone(),
+            uid: 100000,
+            gid: 100000
+        }));
     }
 
     #[test]
     fn read_only_sources_are_never_touched() {
         let k = RecordingKernel::default();
         let dir = tempfile::tempdir().unwrap();
-        prepare(&k, &plan(&coder(), &[m(dir.path().to_str().unwrap(), "/secrets", true)]).into_iter().filter(|p| !p.is_default).collect::<Vec<_>>()).unwrap();
+        prepare(
+            &k,
+            &plan(
+                &coder(),
+                &[m(dir.path().to_str().unwrap(), "/secrets", true)],
+            )
+            .into_iter()
+            .filter(|p| !p.is_default)
+            .collect::<Vec<_>>(),
+        )
+        .unwrap();
         assert!(k.calls().is_empty(), "{:?}", k.calls());
     }
 }

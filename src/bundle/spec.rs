@@ -9,11 +9,10 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use oci_spec::runtime::{
-    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
-    LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxIdMappingBuilder, LinuxMemoryBuilder,
-    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResourcesBuilder, Mount, MountBuilder,
-    PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder,
-    UserBuilder,
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDeviceCgroupBuilder,
+    LinuxDeviceType, LinuxIdMappingBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder,
+    LinuxNamespaceType, LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder,
+    PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
 };
 
 use crate::config::MilliCpus;
@@ -27,14 +26,47 @@ pub const WANTED_NOFILE: u64 = 1_048_576;
 
 /// Every capability the kernel knows as of 5.9; granted inside the workspace's user namespace only.
 pub const ALL_CAPABILITIES: &[&str] = &[
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
-    "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -69,8 +101,16 @@ pub struct DeviceBind {
     pub host_path: PathBuf,
 }
 
-pub const TUN: DeviceNode = DeviceNode { path: "/dev/net/tun", major: 10, minor: 200 };
-pub const FUSE: DeviceNode = DeviceNode { path: "/dev/fuse", major: 10, minor: 229 };
+pub const TUN: DeviceNode = DeviceNode {
+    path: "/dev/net/tun",
+    major: 10,
+    minor: 200,
+};
+pub const FUSE: DeviceNode = DeviceNode {
+    path: "/dev/fuse",
+    major: 10,
+    minor: 229,
+};
 
 /// What runs as the workspace's PID 1.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,23 +167,60 @@ fn mount(dest: &str, typ: &str, source: &str, opts: &[&str]) -> Result<Mount, Sp
 fn system_mounts(systemd: bool) -> Result<Vec<Mount>, SpecError> {
     let mut m = vec![
         mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"])?,
-        mount("/dev", "tmpfs", "tmpfs", &["nosuid", "strictatime", "mode=755", "size=65536k"])?,
+        mount(
+            "/dev",
+            "tmpfs",
+            "tmpfs",
+            &["nosuid", "strictatime", "mode=755", "size=65536k"],
+        )?,
         mount(
             "/dev/pts",
             "devpts",
             "devpts",
-            &["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+            &[
+                "nosuid",
+                "noexec",
+                "newinstance",
+                "ptmxmode=0666",
+                "mode=0620",
+                "gid=5",
+            ],
         )?,
-        mount("/dev/shm", "tmpfs", "shm", &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"])?,
-        mount("/dev/mqueue", "mqueue", "mqueue", &["nosuid", "noexec", "nodev"])?,
+        mount(
+            "/dev/shm",
+            "tmpfs",
+            "shm",
+            &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        )?,
+        mount(
+            "/dev/mqueue",
+            "mqueue",
+            "mqueue",
+            &["nosuid", "noexec", "nodev"],
+        )?,
         mount("/sys", "sysfs", "sysfs", &["nosuid", "noexec", "nodev"])?,
         // Writable, so the inner dockerd and systemd can create their cgroups (delegated by chown).
-        mount("/sys/fs/cgroup", "cgroup", "cgroup", &["nosuid", "noexec", "nodev", "relatime"])?,
+        mount(
+            "/sys/fs/cgroup",
+            "cgroup",
+            "cgroup",
+            &["nosuid", "noexec", "nodev", "relatime"],
+        )?,
     ];
     if systemd {
         // systemd expects tmpfs on /run and /run/lock, as sysbox would add for it.
-        m.push(mount("/run", "tmpfs", "tmpfs", &["nosuid", "nodev", "mode=755", "size=65536k"])?);
-        m.push(mount("/run/lock", "tmpfs", "tmpfs", &["nosuid", "nodev", "noexec", "size=5120k"])?);
+        m.push(mount(
+            "/run",
+            "tmpfs",
+            "tmpfs",
+            &["nosuid", "nodev", "mode=755", "size=65536k"],
+        )?);
+        m.push(mount(
+            "/run/lock",
+            "tmpfs",
+            "tmpfs",
+            &["nosuid", "nodev", "noexec", "size=5120k"],
+        )?);
     }
     Ok(m)
 }
@@ -280,8 +357,15 @@ pub fn build(ws: &WorkspaceSpec) -> Result<Spec, SpecError> {
         .resources(resources.build()?)
         .masked_paths(
             [
-                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+                "/proc/acpi",
+                "/proc/asound",
+                "/proc/kcore",
+                "/proc/keys",
+                "/proc/latency_stats",
+                "/proc/timer_list",
+                "/proc/timer_stats",
+                "/proc/sched_debug",
+                "/proc/scsi",
                 "/sys/firmware",
             ]
             .iter()
@@ -292,7 +376,12 @@ pub fn build(ws: &WorkspaceSpec) -> Result<Spec, SpecError> {
 
     Ok(SpecBuilder::default()
         .version("1.0.2")
-        .root(RootBuilder::default().path(&ws.rootfs).readonly(false).build()?)
+        .root(
+            RootBuilder::default()
+                .path(&ws.rootfs)
+                .readonly(false)
+                .build()?,
+        )
         .hostname(ws.hostname.clone())
         .process(process)
         .mounts(mounts)
@@ -308,7 +397,9 @@ mod tests {
         WorkspaceSpec {
             rootfs: "/state/rootfs".into(),
             hostname: "ws".into(),
-            init: WorkspaceInit::Envbox { path_inside: "/.envbox/envbox".into() },
+            init: WorkspaceInit::Envbox {
+                path_inside: "/.envbox/envbox".into(),
+            },
             env: vec!["PATH=/bin".into(), "CODER_AGENT_TOKEN=t".into()],
             cwd: "/".into(),
             mounts: vec![BindMount {
@@ -317,8 +408,14 @@ mod tests {
                 read_only: true,
             }],
             devices: vec![
-                DeviceBind { node: TUN, host_path: "/state/dev/tun".into() },
-                DeviceBind { node: FUSE, host_path: "/state/dev/fuse".into() },
+                DeviceBind {
+                    node: TUN,
+                    host_path: "/state/dev/tun".into(),
+                },
+                DeviceBind {
+                    node: FUSE,
+                    host_path: "/state/dev/fuse".into(),
+                },
             ],
             cpus: Some(MilliCpus(1500)),
             memory: Some(1 << 30),
@@ -347,7 +444,10 @@ mod tests {
         }
         assert_eq!(v["process"]["noNewPrivileges"], false);
         assert_eq!(v["process"]["terminal"], false);
-        assert_eq!(v["process"]["args"], serde_json::json!(["/.envbox/envbox", "init"]));
+        assert_eq!(
+            v["process"]["args"],
+            serde_json::json!(["/.envbox/envbox", "init"])
+        );
         assert_eq!(v["process"]["rlimits"][0]["hard"], 20000);
         assert_eq!(v["hostname"], "ws");
         assert_eq!(v["root"]["readonly"], false);
@@ -362,15 +462,34 @@ mod tests {
         assert_eq!(v["linux"]["resources"]["cpu"]["period"], 100000);
         assert_eq!(v["linux"]["resources"]["cpu"]["quota"], 150000);
         assert_eq!(v["linux"]["resources"]["memory"]["limit"], 1073741824);
-        assert!(v["linux"]["devices"].is_null(), "nodes are bound, not created by the runtime");
+        assert!(
+            v["linux"]["devices"].is_null(),
+            "nodes are bound, not created by the runtime"
+        );
         let rules = v["linux"]["resources"]["devices"].as_array().unwrap();
-        assert!(rules.iter().any(|r| r["major"] == 10 && r["minor"] == 200 && r["allow"] == true));
+        assert!(rules
+            .iter()
+            .any(|r| r["major"] == 10 && r["minor"] == 200 && r["allow"] == true));
         let m = v["mounts"].as_array().unwrap();
-        let home = m.iter().find(|m| m["destination"] == "/home/coder").unwrap();
-        assert!(home["options"].as_array().unwrap().iter().any(|o| o == "ro"));
-        let tun = m.iter().find(|m| m["destination"] == "/dev/net/tun").unwrap();
+        let home = m
+            .iter()
+            .find(|m| m["destination"] == "/home/coder")
+            .unwrap();
+        assert!(home["options"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o == "ro"));
+        let tun = m
+            .iter()
+            .find(|m| m["destination"] == "/dev/net/tun")
+            .unwrap();
         assert_eq!(tun["source"], "/state/dev/tun");
-        assert!(!tun["options"].as_array().unwrap().iter().any(|o| o == "nodev"));
+        assert!(!tun["options"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o == "nodev"));
     }
 
     #[test]
@@ -379,7 +498,15 @@ mod tests {
         ws.init = WorkspaceInit::Systemd;
         let v = serde_json::to_value(build(&ws).unwrap()).unwrap();
         assert_eq!(v["process"]["args"], serde_json::json!(["/sbin/init"]));
-        assert!(v["process"]["env"].as_array().unwrap().iter().any(|e| e == "container=envbox"));
-        assert!(v["mounts"].as_array().unwrap().iter().any(|m| m["destination"] == "/run/lock"));
+        assert!(v["process"]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e == "container=envbox"));
+        assert!(v["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["destination"] == "/run/lock"));
     }
 }

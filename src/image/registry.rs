@@ -1102,6 +1102,8 @@ pub struct RegistryClient {
     agent: ureq::Agent,
     opts: ClientOptions,
     use_http: AtomicBool,
+    /// An HTTPS request has succeeded (no more plain-HTTP probing).
+    https_ok: AtomicBool,
     /// Cached `Authorization` header value for the registry origin.
     auth_header: Mutex<Option<String>>,
 }
@@ -1158,6 +1160,7 @@ impl RegistryClient {
         };
         RegistryClient {
             use_http: AtomicBool::new(opts.plain_http),
+            https_ok: AtomicBool::new(false),
             image,
             credentials,
             agent: ureq_agent(config, tls),
@@ -1629,6 +1632,9 @@ impl RegistryClient {
     /// redirects. Returns any response with a non-retryable status (the caller checks it).
     fn send(&self, req: &Req, retry: &mut Retry) -> Result<Response<Body>, RegistryError> {
         let mut auth_rounds = 0;
+        // Insecure registries: one plain-HTTP probe after an HTTPS failure, until HTTPS has
+        // worked once (Docker's insecure-registry behaviour).
+        let mut http_probe: Option<String> = None;
         loop {
             let auth = self
                 .auth_header
@@ -1636,18 +1642,37 @@ impl RegistryClient {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
             let resp = match self.send_once(req, auth.as_deref()) {
-                Ok(r) => r,
+                Ok(r) => {
+                    if let Some(why) = http_probe.take() {
+                        log::warn!(
+                            "registry {} failed over HTTPS ({why}); using plain HTTP as it is marked insecure",
+                            self.image.registry
+                        );
+                    }
+                    if !self.use_http.load(Ordering::Relaxed) {
+                        self.https_ok.store(true, Ordering::Relaxed);
+                    }
+                    r
+                }
                 Err(Failure::Fatal(e)) => return Err(e),
-                Err(Failure::NotTls(why)) => {
-                    log::warn!(
-                        "registry {} does not speak TLS ({why}); using plain HTTP as it is marked insecure",
-                        self.image.registry
-                    );
+                Err(Failure::NotTls(why)) | Err(Failure::Transient(why))
+                    if self.opts.insecure
+                        && http_probe.is_none()
+                        && !self.use_http.load(Ordering::Relaxed)
+                        && !self.https_ok.load(Ordering::Relaxed) =>
+                {
                     self.use_http.store(true, Ordering::Relaxed);
+                    http_probe = Some(why);
                     continue;
                 }
-                Err(Failure::Transient(why)) => {
-                    self.retry_or_fail(retry, &why)?;
+                Err(Failure::NotTls(why)) | Err(Failure::Transient(why)) => {
+                    if let Some(first) = http_probe.take() {
+                        // plain HTTP failed too: back to HTTPS, report the HTTPS failure
+                        self.use_http.store(self.opts.plain_http, Ordering::Relaxed);
+                        self.retry_or_fail(retry, &first)?;
+                    } else {
+                        self.retry_or_fail(retry, &why)?;
+                    }
                     continue;
                 }
             };
@@ -2168,15 +2193,24 @@ pub(crate) mod test_support {
         fn serve(&self, conn: TcpStream) -> std::io::Result<()> {
             let mut reader = std::io::BufReader::new(conn.try_clone()?);
             let mut conn = conn;
-            let mut line = String::new();
-            reader.read_line(&mut line)?;
+            if reader.fill_buf()?.first() == Some(&0x16) {
+                // A TLS ClientHello on a plain-HTTP port: answer like Go's net/http does.
+                conn.write_all(b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n")?;
+                return Ok(());
+            }
+            let mut raw = Vec::new();
+            reader.read_until(b'\n', &mut raw)?;
+            let line = String::from_utf8_lossy(&raw).into_owned();
             let mut parts = line.split_whitespace();
             let method = parts.next().unwrap_or("").to_string();
             let path = parts.next().unwrap_or("").to_string();
             let mut headers = Vec::new();
             loop {
-                let mut h = String::new();
-                reader.read_line(&mut h)?;
+                let mut raw = Vec::new();
+                if reader.read_until(b'\n', &mut raw)? == 0 {
+                    break;
+                }
+                let h = String::from_utf8_lossy(&raw).into_owned();
                 let h = h.trim_end();
                 if h.is_empty() {
                     break;
@@ -3012,6 +3046,26 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    #[test]
+    fn insecure_registry_falls_back_to_plain_http() {
+        let fake = Fake::start(Knobs::default());
+        let (_, dm, _) = push_image(&fake, "v1");
+        let r = ImageRef::parse(&format!("{}/team/app:v1", fake.host())).unwrap();
+        let mut o = options();
+        o.plain_http = false;
+        // Not insecure: HTTPS only, and the plain-HTTP server is a fatal TLS error (no retries).
+        let c =
+            RegistryClient::with_options(r.clone(), Credentials::Anonymous, &roots(), o.clone());
+        let e = c.resolve_manifest().unwrap_err();
+        assert!(
+            matches!(e, RegistryError::Tls { .. } | RegistryError::Request { .. }),
+            "{e}"
+        );
+        o.insecure = true;
+        let c = RegistryClient::with_options(r, Credentials::Anonymous, &roots(), o);
+        assert_eq!(c.resolve_manifest().unwrap().manifest_digest, dm);
     }
 
     #[test]

@@ -27,7 +27,9 @@ pub fn spawn_signal_thread(mut source: SignalSource, sup: Arc<Supervisor>) {
                 }
                 Ok(SignalEvent::Ignored(n)) => log::debug!("ignoring signal {n}"),
                 Err(e) => {
-                    log::error!("reading signals failed: {e}; envbox can no longer reap or stop cleanly");
+                    log::error!(
+                        "reading signals failed: {e}; envbox can no longer reap or stop cleanly"
+                    );
                     return;
                 }
             }

@@ -100,9 +100,12 @@ mod tests {
         let got = Arc::new(Mutex::new(Vec::new()));
         let g = got.clone();
         let tail = Tail::default();
-        drain("t", std::io::Cursor::new(input.into_bytes()), tail.clone(), move |l| {
-            g.lock().unwrap().push(l.len())
-        })
+        drain(
+            "t",
+            std::io::Cursor::new(input.into_bytes()),
+            tail.clone(),
+            move |l| g.lock().unwrap().push(l.len()),
+        )
         .join()
         .unwrap();
         assert_eq!(*got.lock().unwrap(), vec![3, MAX_LINE, 5]);

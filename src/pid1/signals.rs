@@ -110,7 +110,13 @@ mod tests {
         assert_eq!(classify(libc::SIGTERM), SignalEvent::Stop(Signal::SIGTERM));
         assert_eq!(classify(libc::SIGINT), SignalEvent::Stop(Signal::SIGINT));
         assert_eq!(classify(libc::SIGCHLD), SignalEvent::ChildExited);
-        for s in [libc::SIGWINCH, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2, libc::SIGPIPE] {
+        for s in [
+            libc::SIGWINCH,
+            libc::SIGHUP,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+            libc::SIGPIPE,
+        ] {
             assert_eq!(classify(s), SignalEvent::Ignored(s));
         }
     }

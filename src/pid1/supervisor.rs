@@ -117,7 +117,8 @@ impl Supervisor {
         let mut st = self.lock();
         if let Some(i) = st.unclaimed.iter().position(|(p, _)| *p == pid) {
             let (_, exit) = st.unclaimed.remove(i).expect("index from position");
-            st.children.insert(pid, Slot::Exited(name.to_string(), exit));
+            st.children
+                .insert(pid, Slot::Exited(name.to_string(), exit));
             self.cv.notify_all();
         } else {
             st.children.insert(pid, Slot::Running(name.to_string()));
@@ -344,7 +345,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         s.request_stop();
         assert_eq!(h.join().unwrap(), Wake::Stop(1));
-        assert_eq!(s.wait_exit(10, Some(Instant::now() + Duration::from_millis(10))), None);
+        assert_eq!(
+            s.wait_exit(10, Some(Instant::now() + Duration::from_millis(10))),
+            None
+        );
     }
 
     #[test]

@@ -76,14 +76,23 @@ impl OciRuntime {
     /// Runs one call to completion: output drained, bounded in time, stderr quoted on failure. The
     /// returned tail keeps receiving lines after the call: after `create`, the container's init holds
     /// the pipes, and its last words explain an unexpected exit.
-    fn call_keeping_output(&self, args: &[&str], stdin: Stdio) -> Result<(String, Tail), RuntimeError> {
+    fn call_keeping_output(
+        &self,
+        args: &[&str],
+        stdin: Stdio,
+    ) -> Result<(String, Tail), RuntimeError> {
         let command = self.describe(args);
         let mut cmd = self.command(args);
-        cmd.stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = self
-            .sup
-            .spawn(args[0], &mut cmd)
-            .map_err(|source| RuntimeError::Spawn { command: command.clone(), source })?;
+        cmd.stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child =
+            self.sup
+                .spawn(args[0], &mut cmd)
+                .map_err(|source| RuntimeError::Spawn {
+                    command: command.clone(),
+                    source,
+                })?;
         let pid = child.id() as i32;
         let (both, err_tail) = (Tail::default(), Tail::default());
         let stdout = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
@@ -109,7 +118,10 @@ impl OciRuntime {
             Some(e) => e,
             None => {
                 let _ = self.sup.signal(pid, libc::SIGKILL);
-                return Err(RuntimeError::Timeout { command, secs: CALL_TIMEOUT.as_secs() });
+                return Err(RuntimeError::Timeout {
+                    command,
+                    secs: CALL_TIMEOUT.as_secs(),
+                });
             }
         };
         // `create` leaves the container's init holding the pipes: never wait for their EOF there.
@@ -118,7 +130,11 @@ impl OciRuntime {
             h_err.map(|h| h.join());
         }
         if !exit.success() {
-            return Err(RuntimeError::Failed { command, exit, stderr: err_tail.text() });
+            return Err(RuntimeError::Failed {
+                command,
+                exit,
+                stderr: err_tail.text(),
+            });
         }
         let s = stdout.lock().unwrap_or_else(|e| e.into_inner()).clone();
         Ok((s, both))
@@ -127,8 +143,11 @@ impl OciRuntime {
     /// Returns the tail of the container init's output, which keeps filling while it runs.
     pub fn create(&self, id: &str, bundle: &Path, pid_file: &Path) -> Result<Tail, RuntimeError> {
         let (b, p) = (bundle.display().to_string(), pid_file.display().to_string());
-        self.call_keeping_output(&["create", "--bundle", &b, "--pid-file", &p, id], Stdio::null())
-            .map(|(_, tail)| tail)
+        self.call_keeping_output(
+            &["create", "--bundle", &b, "--pid-file", &p, id],
+            Stdio::null(),
+        )
+        .map(|(_, tail)| tail)
     }
 
     pub fn state(&self, id: &str) -> Result<oci_spec::runtime::State, RuntimeError> {
@@ -182,7 +201,9 @@ impl OciRuntime {
         let mut cmd = self.command(&args);
         match stdio {
             ExecStdio::Piped => {
-                cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+                cmd.stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
             }
             ExecStdio::Inherit => {}
         }

@@ -120,13 +120,18 @@ pub fn preflight() -> Result<(), SysboxError> {
 
 fn check_data_root(p: &Path) -> Result<(), SysboxError> {
     std::fs::create_dir_all(p).ok();
-    let Ok(st) = rustix::fs::statfs(p) else { return Ok(()) };
+    let Ok(st) = rustix::fs::statfs(p) else {
+        return Ok(());
+    };
     let fs = match st.f_type as i64 {
         0x794c7630 => "overlayfs",
         0x01021994 => "tmpfs",
         _ => return Ok(()),
     };
-    Err(SysboxError::DataRootFs { path: p.display().to_string(), fs })
+    Err(SysboxError::DataRootFs {
+        path: p.display().to_string(),
+        fs,
+    })
 }
 
 /// sysbox-mgr rewrites these files unless they hold exactly one `sysbox:` line.
@@ -139,10 +144,16 @@ fn ensure_subid_line(p: &Path) -> Result<(), SysboxError> {
     if !subid_needs_line(&content) {
         return Ok(());
     }
-    let mut kept: Vec<&str> = content.lines().filter(|l| !l.starts_with("sysbox:")).collect();
+    let mut kept: Vec<&str> = content
+        .lines()
+        .filter(|l| !l.starts_with("sysbox:"))
+        .collect();
     kept.push(SUBID_LINE);
     let new = kept.join("\n") + "\n";
-    std::fs::write(p, new).map_err(|source| SysboxError::SubIds { path: p.display().to_string(), source })
+    std::fs::write(p, new).map_err(|source| SysboxError::SubIds {
+        path: p.display().to_string(),
+        source,
+    })
 }
 
 /// Words an administrator can act on, from the daemon's last output and the node's facts. sysbox's
@@ -158,10 +169,14 @@ pub fn diagnose(tail: &str, kernel_release: &str) -> String {
         }
     }
     if t.contains("overlay") && (t.contains("data-root") || t.contains("/var/lib/sysbox")) {
-        hints.push(format!("{DATA_ROOT} must not be on overlayfs: mount an emptyDir or hostPath there."));
+        hints.push(format!(
+            "{DATA_ROOT} must not be on overlayfs: mount an emptyDir or hostPath there."
+        ));
     }
     if t.contains("operation not permitted") || t.contains("permission denied") {
-        hints.push("sysbox lacks privileges: the pod must run with `privileged: true` as root.".into());
+        hints.push(
+            "sysbox lacks privileges: the pod must run with `privileged: true` as root.".into(),
+        );
     }
     if t.contains("not supported") && t.contains("xfs") {
         hints.push("The volume's file system (XFS) does not support ID-mapped mounts: set CODER_DISABLE_IDMAPPED_MOUNT=true.".into());
@@ -170,7 +185,9 @@ pub fn diagnose(tail: &str, kernel_release: &str) -> String {
         hints.push("The kernel's seccomp notification support is missing or too old (sysbox needs seccomp API level 5, kernel 5.5+).".into());
     }
     if hints.is_empty() {
-        format!("Kernel {kernel_release}. See its output below and sysbox's distro compatibility list.")
+        format!(
+            "Kernel {kernel_release}. See its output below and sysbox's distro compatibility list."
+        )
     } else {
         hints.join(" ")
     }
@@ -216,7 +233,10 @@ pub fn start_daemon(
     stopped: &dyn Fn() -> bool,
 ) -> Result<Daemon, SysboxError> {
     let bin = binary(opts, spec.name);
-    let release = rustix::system::uname().release().to_string_lossy().into_owned();
+    let release = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
     for attempt in 1..=MAX_STARTS {
         let tail = Tail::default();
         let mut cmd = Command::new(&bin);
@@ -226,25 +246,36 @@ pub fn start_daemon(
             .stderr(Stdio::piped())
             // Its own group, so a hung start can be killed with every process it forked.
             .process_group(0);
-        let mut child = sup.spawn(spec.name, &mut cmd).map_err(|source| SysboxError::Spawn {
-            name: spec.name,
-            binary: bin.display().to_string(),
-            source,
-        })?;
+        let mut child = sup
+            .spawn(spec.name, &mut cmd)
+            .map_err(|source| SysboxError::Spawn {
+                name: spec.name,
+                binary: bin.display().to_string(),
+                source,
+            })?;
         let pid = child.id() as i32;
         let mut drains = Vec::new();
         for (i, pipe) in [
-            child.stdout.take().map(|p| Box::new(p) as Box<dyn io::Read + Send>),
-            child.stderr.take().map(|p| Box::new(p) as Box<dyn io::Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn io::Read + Send>),
         ]
         .into_iter()
         .enumerate()
         {
             if let Some(p) = pipe {
                 let name = spec.name;
-                drains.push(drain(&format!("{name}-{i}"), p, tail.clone(), move |l| {
-                    log::info!(target: "sysbox", "{name}: {l}")
-                }));
+                drains.push(drain(
+                    &format!("{name}-{i}"),
+                    p,
+                    tail.clone(),
+                    move |l| log::info!(target: "sysbox", "{name}: {l}"),
+                ));
             }
         }
         apply_unit_limits(pid, spec.name);
@@ -252,7 +283,11 @@ pub fn start_daemon(
         loop {
             if UnixStream::connect(&spec.socket).is_ok() {
                 log::info!("{} is ready (pid {pid}, start {attempt})", spec.name);
-                return Ok(Daemon { name: spec.name, pid, tail });
+                return Ok(Daemon {
+                    name: spec.name,
+                    pid,
+                    tail,
+                });
             }
             if let Some(exit) = sup.try_exit(pid) {
                 // Its last words are what explains the exit: let the readers reach EOF first.
@@ -306,13 +341,26 @@ fn apply_unit_limits(pid: i32, name: &str) {
     use rustix::process::{prlimit, Pid, Resource, Rlimit};
     let Some(p) = Pid::from_raw(pid) else { return };
     for res in [Resource::Nofile, Resource::Nproc] {
-        let unlimited = Rlimit { current: None, maximum: None };
+        let unlimited = Rlimit {
+            current: None,
+            maximum: None,
+        };
         if prlimit(Some(p), res, unlimited).is_err() {
             let cur = rustix::process::getrlimit(res);
-            let _ = prlimit(Some(p), res, Rlimit { current: cur.maximum, maximum: cur.maximum });
+            let _ = prlimit(
+                Some(p),
+                res,
+                Rlimit {
+                    current: cur.maximum,
+                    maximum: cur.maximum,
+                },
+            );
         }
     }
-    if let Err(e) = std::fs::write(format!("/proc/{pid}/oom_score_adj"), DAEMON_OOM_SCORE.to_string()) {
+    if let Err(e) = std::fs::write(
+        format!("/proc/{pid}/oom_score_adj"),
+        DAEMON_OOM_SCORE.to_string(),
+    ) {
         log::warn!("cannot set {name}'s oom_score_adj: {e}");
     }
 }
@@ -344,7 +392,11 @@ impl SysboxDaemons {
     /// sysbox-fs first, then sysbox-mgr, only after every container is deleted.
     pub fn stop(&self, sup: &Supervisor, deadline: Instant) {
         stop_daemon(sup, &self.fs, deadline);
-        stop_daemon(sup, &self.mgr, deadline.max(Instant::now() + Duration::from_secs(1)));
+        stop_daemon(
+            sup,
+            &self.mgr,
+            deadline.max(Instant::now() + Duration::from_secs(1)),
+        );
     }
 }
 
@@ -354,11 +406,19 @@ mod tests {
 
     #[test]
     fn mgr_flags_follow_the_config() {
-        let [mgr, fs] = daemon_specs(&SysboxOptions { bin_dir: None, disable_idmapped_mount: true });
+        let [mgr, fs] = daemon_specs(&SysboxOptions {
+            bin_dir: None,
+            disable_idmapped_mount: true,
+        });
         assert!(mgr.args.contains(&"--disable-idmapped-mount".to_string()));
-        assert!(mgr.args.contains(&"--disable-inner-image-preload".to_string()));
+        assert!(mgr
+            .args
+            .contains(&"--disable-inner-image-preload".to_string()));
         assert!(!fs.args.contains(&"--disable-idmapped-mount".to_string()));
-        let [mgr, _] = daemon_specs(&SysboxOptions { bin_dir: None, disable_idmapped_mount: false });
+        let [mgr, _] = daemon_specs(&SysboxOptions {
+            bin_dir: None,
+            disable_idmapped_mount: false,
+        });
         assert!(!mgr.args.contains(&"--disable-idmapped-mount".to_string()));
     }
 
@@ -366,21 +426,30 @@ mod tests {
     fn subid_files() {
         assert!(subid_needs_line(""));
         assert!(subid_needs_line("coder:100000:65536\n"));
-        assert!(!subid_needs_line("coder:100000:65536\nsysbox:165536:65536\n"));
+        assert!(!subid_needs_line(
+            "coder:100000:65536\nsysbox:165536:65536\n"
+        ));
         assert!(subid_needs_line("sysbox:1:2\nsysbox:3:4\n"));
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("subuid");
         std::fs::write(&p, "sysbox:1:2\nsysbox:3:4\ncoder:100000:65536\n").unwrap();
         ensure_subid_line(&p).unwrap();
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), "coder:100000:65536\nsysbox:165536:65536\n");
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "coder:100000:65536\nsysbox:165536:65536\n"
+        );
     }
 
     #[test]
     fn diagnosis_names_actionable_causes() {
         assert!(diagnose("", "5.4.0-100-generic").contains("5.12"));
-        assert!(diagnose("failed: /var/lib/sysbox is on overlay data-root", "6.8.0").contains("emptyDir"));
+        assert!(
+            diagnose("failed: /var/lib/sysbox is on overlay data-root", "6.8.0")
+                .contains("emptyDir")
+        );
         assert!(diagnose("mount: operation not permitted", "6.8.0").contains("privileged"));
-        assert!(diagnose("idmap not supported on xfs", "6.8.0").contains("CODER_DISABLE_IDMAPPED_MOUNT"));
+        assert!(diagnose("idmap not supported on xfs", "6.8.0")
+            .contains("CODER_DISABLE_IDMAPPED_MOUNT"));
         assert!(diagnose("random", "6.8.0").starts_with("Kernel 6.8.0"));
         assert_eq!(kernel_version("6.18.44-fc"), Some((6, 18)));
     }

@@ -38,15 +38,43 @@ impl ProcessOps for FakeProcessOps {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
-    MountOverlay { lowers: Vec<PathBuf>, upper: PathBuf, work: PathBuf, target: PathBuf },
-    Bind { source: PathBuf, target: PathBuf, read_only: bool },
+    MountOverlay {
+        lowers: Vec<PathBuf>,
+        upper: PathBuf,
+        work: PathBuf,
+        target: PathBuf,
+    },
+    Bind {
+        source: PathBuf,
+        target: PathBuf,
+        read_only: bool,
+    },
     RemountRw(PathBuf),
     Unmount(PathBuf),
-    Mknod { path: PathBuf, kind: NodeKind, major: u32, minor: u32, mode: u32 },
-    Chown { path: PathBuf, uid: u32, gid: u32 },
-    Chmod { path: PathBuf, mode: u32 },
-    Write { path: PathBuf, contents: String },
-    OomScore { pid: Option<i32>, score: i32 },
+    Mknod {
+        path: PathBuf,
+        kind: NodeKind,
+        major: u32,
+        minor: u32,
+        mode: u32,
+    },
+    Chown {
+        path: PathBuf,
+        uid: u32,
+        gid: u32,
+    },
+    Chmod {
+        path: PathBuf,
+        mode: u32,
+    },
+    Write {
+        path: PathBuf,
+        contents: String,
+    },
+    OomScore {
+        pid: Option<i32>,
+        score: i32,
+    },
     Mkdir(PathBuf),
 }
 
@@ -68,7 +96,13 @@ impl RecordingKernel {
 }
 
 impl Kernel for RecordingKernel {
-    fn mount_overlay(&self, lowers: &[&Path], upper: &Path, work: &Path, target: &Path) -> io::Result<()> {
+    fn mount_overlay(
+        &self,
+        lowers: &[&Path],
+        upper: &Path,
+        work: &Path,
+        target: &Path,
+    ) -> io::Result<()> {
         self.record(Call::MountOverlay {
             lowers: lowers.iter().map(|p| p.to_path_buf()).collect(),
             upper: upper.into(),
@@ -78,7 +112,11 @@ impl Kernel for RecordingKernel {
         Ok(())
     }
     fn bind_mount(&self, source: &Path, target: &Path, read_only: bool) -> io::Result<()> {
-        self.record(Call::Bind { source: source.into(), target: target.into(), read_only });
+        self.record(Call::Bind {
+            source: source.into(),
+            target: target.into(),
+            read_only,
+        });
         Ok(())
     }
     fn remount_read_write(&self, target: &Path) -> io::Result<()> {
@@ -89,23 +127,52 @@ impl Kernel for RecordingKernel {
         self.record(Call::Unmount(target.into()));
         Ok(())
     }
-    fn mknod(&self, path: &Path, kind: NodeKind, major: u32, minor: u32, mode: u32) -> io::Result<()> {
-        self.record(Call::Mknod { path: path.into(), kind, major, minor, mode });
-        if self.existing_nodes.lock().unwrap().iter().any(|p| p == path) {
+    fn mknod(
+        &self,
+        path: &Path,
+        kind: NodeKind,
+        major: u32,
+        minor: u32,
+        mode: u32,
+    ) -> io::Result<()> {
+        self.record(Call::Mknod {
+            path: path.into(),
+            kind,
+            major,
+            minor,
+            mode,
+        });
+        if self
+            .existing_nodes
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|p| p == path)
+        {
             return Err(io::Error::from_raw_os_error(libc::EEXIST));
         }
         Ok(())
     }
     fn chown(&self, path: &Path, uid: u32, gid: u32) -> io::Result<()> {
-        self.record(Call::Chown { path: path.into(), uid, gid });
+        self.record(Call::Chown {
+            path: path.into(),
+            uid,
+            gid,
+        });
         Ok(())
     }
     fn chmod(&self, path: &Path, mode: u32) -> io::Result<()> {
-        self.record(Call::Chmod { path: path.into(), mode });
+        self.record(Call::Chmod {
+            path: path.into(),
+            mode,
+        });
         Ok(())
     }
     fn write_file(&self, path: &Path, contents: &[u8]) -> io::Result<()> {
-        self.record(Call::Write { path: path.into(), contents: String::from_utf8_lossy(contents).into() });
+        self.record(Call::Write {
+            path: path.into(),
+            contents: String::from_utf8_lossy(contents).into(),
+        });
         Ok(())
     }
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {

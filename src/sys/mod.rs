@@ -26,12 +26,25 @@ pub enum NodeKind {
 
 /// File-system and mount operations on the pod.
 pub trait Kernel: Send + Sync {
-    fn mount_overlay(&self, lowers: &[&Path], upper: &Path, work: &Path, target: &Path) -> io::Result<()>;
+    fn mount_overlay(
+        &self,
+        lowers: &[&Path],
+        upper: &Path,
+        work: &Path,
+        target: &Path,
+    ) -> io::Result<()>;
     fn bind_mount(&self, source: &Path, target: &Path, read_only: bool) -> io::Result<()>;
     fn remount_read_write(&self, target: &Path) -> io::Result<()>;
     /// Lazy-free unmount that fails loudly; `MNT_DETACH` is used only when asked for.
     fn unmount(&self, target: &Path, detach: bool) -> io::Result<()>;
-    fn mknod(&self, path: &Path, kind: NodeKind, major: u32, minor: u32, mode: u32) -> io::Result<()>;
+    fn mknod(
+        &self,
+        path: &Path,
+        kind: NodeKind,
+        major: u32,
+        minor: u32,
+        mode: u32,
+    ) -> io::Result<()>;
     /// Non-recursive, never follows a final symlink.
     fn chown(&self, path: &Path, uid: u32, gid: u32) -> io::Result<()>;
     fn chmod(&self, path: &Path, mode: u32) -> io::Result<()>;

@@ -56,7 +56,13 @@ fn ctx(e: nix::Error, what: &str, path: &Path) -> io::Error {
 }
 
 impl Kernel for RealKernel {
-    fn mount_overlay(&self, lowers: &[&Path], upper: &Path, work: &Path, target: &Path) -> io::Result<()> {
+    fn mount_overlay(
+        &self,
+        lowers: &[&Path],
+        upper: &Path,
+        work: &Path,
+        target: &Path,
+    ) -> io::Result<()> {
         let mut data = b"lowerdir=".to_vec();
         for (i, l) in lowers.iter().enumerate() {
             if i > 0 {
@@ -81,8 +87,14 @@ impl Kernel for RealKernel {
     }
 
     fn bind_mount(&self, source: &Path, target: &Path, read_only: bool) -> io::Result<()> {
-        nix::mount::mount(Some(source), target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-            .map_err(|e| ctx(e, &format!("bind-mount {} on", source.display()), target))?;
+        nix::mount::mount(
+            Some(source),
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| ctx(e, &format!("bind-mount {} on", source.display()), target))?;
         if read_only {
             nix::mount::mount(
                 None::<&str>,
@@ -97,16 +109,33 @@ impl Kernel for RealKernel {
     }
 
     fn remount_read_write(&self, target: &Path) -> io::Result<()> {
-        nix::mount::mount(None::<&str>, target, None::<&str>, MsFlags::MS_REMOUNT, None::<&str>)
-            .map_err(|e| ctx(e, "remount read-write", target))
+        nix::mount::mount(
+            None::<&str>,
+            target,
+            None::<&str>,
+            MsFlags::MS_REMOUNT,
+            None::<&str>,
+        )
+        .map_err(|e| ctx(e, "remount read-write", target))
     }
 
     fn unmount(&self, target: &Path, detach: bool) -> io::Result<()> {
-        let flags = if detach { MntFlags::MNT_DETACH } else { MntFlags::empty() };
+        let flags = if detach {
+            MntFlags::MNT_DETACH
+        } else {
+            MntFlags::empty()
+        };
         nix::mount::umount2(target, flags).map_err(|e| ctx(e, "unmount", target))
     }
 
-    fn mknod(&self, path: &Path, kind: NodeKind, major: u32, minor: u32, mode: u32) -> io::Result<()> {
+    fn mknod(
+        &self,
+        path: &Path,
+        kind: NodeKind,
+        major: u32,
+        minor: u32,
+        mode: u32,
+    ) -> io::Result<()> {
         let k = match kind {
             NodeKind::Char => SFlag::S_IFCHR,
             NodeKind::Block => SFlag::S_IFBLK,
@@ -117,14 +146,19 @@ impl Kernel for RealKernel {
     }
 
     fn chown(&self, path: &Path, uid: u32, gid: u32) -> io::Result<()> {
-        std::os::unix::fs::lchown(path, Some(uid), Some(gid))
-            .map_err(|e| io::Error::new(e.kind(), format!("chown {uid}:{gid} {}: {e}", path.display())))
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("chown {uid}:{gid} {}: {e}", path.display()),
+            )
+        })
     }
 
     fn chmod(&self, path: &Path, mode: u32) -> io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| io::Error::new(e.kind(), format!("chmod {mode:o} {}: {e}", path.display())))
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| {
+            io::Error::new(e.kind(), format!("chmod {mode:o} {}: {e}", path.display()))
+        })
     }
 
     fn write_file(&self, path: &Path, contents: &[u8]) -> io::Result<()> {
@@ -133,8 +167,12 @@ impl Kernel for RealKernel {
     }
 
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
-        std::fs::create_dir_all(path)
-            .map_err(|e| io::Error::new(e.kind(), format!("create directory {}: {e}", path.display())))
+        std::fs::create_dir_all(path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("create directory {}: {e}", path.display()),
+            )
+        })
     }
 
     fn set_oom_score_adj(&self, pid: Option<i32>, score: i32) -> io::Result<()> {
