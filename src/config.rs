@@ -572,12 +572,8 @@ fn check_disk_backed(var: &'static str, dir: &Path) -> Result<(), ConfigError> {
             None => return Ok(()),
         }
     }
-    let Ok(st) = rustix::fs::statfs(probe) else {
-        return Ok(());
-    };
-    let fs = match st.f_type as i64 {
-        0x794c7630 => "overlayfs",
-        0x01021994 => "tmpfs",
+    let fs = match crate::sys::fs_kind(probe) {
+        Some(k @ (crate::sys::FsKind::Overlay | crate::sys::FsKind::Tmpfs)) => k.name(),
         _ => return Ok(()),
     };
     Err(invalid(

@@ -24,7 +24,7 @@ pub fn run(grace: Duration) -> i32 {
         }
     };
     loop {
-        match source.next() {
+        match source.wait() {
             Ok(SignalEvent::ChildExited) => reap_all(),
             Ok(SignalEvent::Stop(sig)) => return stop(sig, grace),
             // sysbox and systemd-style stop requests may arrive as SIGRTMIN+3 too.

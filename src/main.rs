@@ -75,7 +75,7 @@ fn pull(a: &cli::PullArgs) -> ExitCode {
     init_logging(config::parse_bool("CODER_DEBUG", &a.debug).unwrap_or(false));
     let log = BuildLog::stderr();
     let say = |m: &str| log.info(m);
-    let outcome = image::pull(&cfg, &AtomicBool::new(false), &say).and_then(|o| {
+    let outcome = image::pull(&cfg, None, &AtomicBool::new(false), &say).and_then(|o| {
         let cache = image::rootfs::LayerCache::open(&cfg.cache_dir)?;
         for l in image::layer_blobs(&o.pulled) {
             cache.ensure(&l)?;
@@ -191,8 +191,15 @@ fn start_workspace(
         })
     });
     let cancel = Arc::new(AtomicBool::new(false));
-    let (icfg, l, c) = (cfg.image.clone(), Arc::clone(log), Arc::clone(&cancel));
-    let pulled = sup.run_step("pull", move || image::pull(&icfg, &c, &|m| l.info(m)));
+    let (icfg, l, c, s) = (
+        cfg.image.clone(),
+        Arc::clone(log),
+        Arc::clone(&cancel),
+        Arc::clone(sup),
+    );
+    let pulled = sup.run_step("pull", move || {
+        image::pull(&icfg, Some(s), &c, &|m| l.info(m))
+    });
     let daemons = match sysbox.map(|step| step.wait(sup)) {
         None => None,
         Some(Ok(Ok(d))) => Some(d),

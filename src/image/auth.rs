@@ -109,9 +109,19 @@ pub trait HelperRunner {
 }
 
 /// Executes `docker-credential-<name>` found on `path` (default: `$PATH`).
-#[derive(Debug, Default, Clone)]
+#[derive(Default, Clone)]
 pub struct ExecHelper {
     pub path: Option<OsString>,
+    /// When envbox is PID 1 its supervisor owns `waitpid`; helpers must be run through it.
+    pub supervisor: Option<std::sync::Arc<crate::pid1::supervisor::Supervisor>>,
+}
+
+impl std::fmt::Debug for ExecHelper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExecHelper")
+            .field("path", &self.path)
+            .finish()
+    }
 }
 
 impl ExecHelper {
@@ -129,6 +139,13 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p)
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         .unwrap_or(false)
+}
+
+struct HelperResult {
+    success: bool,
+    status: String,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
 }
 
 #[derive(Deserialize)]
@@ -150,22 +167,48 @@ impl HelperRunner for ExecHelper {
             helper: helper.to_string(),
             source_name: String::new(),
         })?;
-        let mut child = Command::new(&bin)
-            .arg("get")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| failed(format!("cannot run {}: {e}", bin.display())))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            // A helper that exits without reading stdin gives EPIPE; its exit status tells the story.
-            let _ = stdin.write_all(server.as_bytes());
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| failed(format!("waiting for it: {e}")))?;
+        let out = match &self.supervisor {
+            Some(sup) => {
+                let o = sup
+                    .output(
+                        "credential helper",
+                        Command::new(&bin).arg("get"),
+                        server.as_bytes(),
+                        std::time::Duration::from_secs(30),
+                    )
+                    .map_err(|e| failed(format!("cannot run {}: {e}", bin.display())))?;
+                HelperResult {
+                    success: o.exit.success(),
+                    status: o.exit.to_string(),
+                    stdout: o.stdout,
+                    stderr: o.stderr,
+                }
+            }
+            None => {
+                let mut child = Command::new(&bin)
+                    .arg("get")
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .map_err(|e| failed(format!("cannot run {}: {e}", bin.display())))?;
+                if let Some(mut stdin) = child.stdin.take() {
+                    // A helper that exits without reading stdin gives EPIPE; its exit status tells the story.
+                    let _ = stdin.write_all(server.as_bytes());
+                }
+                let o = child
+                    .wait_with_output()
+                    .map_err(|e| failed(format!("waiting for it: {e}")))?;
+                HelperResult {
+                    success: o.status.success(),
+                    status: o.status.to_string(),
+                    stdout: o.stdout,
+                    stderr: o.stderr,
+                }
+            }
+        };
         let stdout = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() {
+        if !out.success {
             // The protocol reports "credentials not found in native keychain" on stdout.
             if stdout.contains("credentials not found") {
                 return Ok(None);
@@ -971,6 +1014,7 @@ mod tests {
         .unwrap();
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
         let h = ExecHelper {
+            supervisor: None,
             path: Some(dir.path().as_os_str().to_owned()),
         };
         assert_eq!(h.get("fake", "r.io").unwrap(), Some(basic("u", "s-r.io")));

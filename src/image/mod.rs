@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::ImageConfig;
+use crate::pid1::supervisor::Supervisor;
 use reference::ImageRef;
 use registry::{ClientOptions, RegistryClient, TlsRoots};
 use store::{BlobStore, Progress, PulledImage};
@@ -46,17 +47,23 @@ pub struct PullOutcome {
 
 /// Resolves credentials, pulls every missing blob into the cache and reports progress through
 /// `say`. `cancel` stops it between requests.
+/// `sup`: envbox's supervisor when it runs as PID 1, so credential helpers are reaped by it.
 pub fn pull(
     cfg: &ImageConfig,
+    sup: Option<Arc<Supervisor>>,
     cancel: &AtomicBool,
     say: &(dyn Fn(&str) + Sync),
 ) -> Result<PullOutcome, ImageError> {
     let started = Instant::now();
     let image = ImageRef::parse(&cfg.reference)?;
-    let resolved = auth::resolve(
+    let resolved = auth::resolve_with(
         &image.registry,
         cfg.pull_secret.as_ref().map(|s| s.expose()),
         &cfg.docker_config,
+        &auth::ExecHelper {
+            path: None,
+            supervisor: sup,
+        },
     )?;
     log::info!("registry credentials: {}", resolved.description);
     for w in &resolved.warnings {
@@ -114,6 +121,3 @@ pub fn layer_blobs(p: &PulledImage) -> Vec<rootfs::LayerBlob> {
 pub fn total_size(p: &PulledImage) -> u64 {
     p.image.layers.iter().map(|l| l.size).sum()
 }
-
-/// A flag a stopping envbox sets so a pull in progress gives up between requests.
-pub type CancelFlag = Arc<AtomicBool>;

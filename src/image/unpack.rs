@@ -131,9 +131,7 @@ impl Compression {
             "application/vnd.docker.image.rootfs.diff.tar" => Some(Compression::None),
             _ if mt.ends_with("+gzip") || mt.ends_with(".tar.gzip") => Some(Compression::Gzip),
             _ if mt.ends_with("+zstd") || mt.ends_with(".tar.zstd") => Some(Compression::Zstd),
-            _ if mt.starts_with("application/vnd.oci.image.layer.")
-                && (mt.ends_with(".tar") || mt.ends_with(".tar+")) =>
-            {
+            _ if mt.starts_with("application/vnd.oci.image.layer.") && mt.ends_with(".tar") => {
                 Some(Compression::None)
             }
             _ => None,
@@ -206,6 +204,12 @@ pub enum UnpackError {
 ///
 /// Layers are applied in order into the same directory. Whiteouts remove what lower
 /// layers left in `root`; see the module documentation for the safety rules.
+///
+/// The stream is read to its end, so a digest-verifying reader sees every byte and the
+/// gzip/zstd trailer is checked. With more than one CPU available, parsing and file
+/// writes run on a scoped second thread while the calling thread decompresses; no
+/// thread outlives the call. Nothing is fsynced: sync once when every layer is in
+/// place. On error the tree is partly written and should be discarded.
 pub fn apply_layer(
     root: &Path,
     layer: impl Read,

@@ -38,7 +38,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-pub use daemon_json::{inner_docker_daemon_json, DaemonJsonDecision};
+pub use daemon_json::{inner_docker_daemon_json, DaemonJsonDecision, DAEMON_JSON_PATH};
 pub use netlink::NetlinkRoute;
 
 /// Pod interface whose MTU and route the workspace uses unless `CODER_ETHLINK` says otherwise.

@@ -24,6 +24,8 @@ use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 use super::{Ipv4Cidr, LinkOps, NetError, PodNet, PodNetSource};
 
+const REPLY_TIMEOUT_SECS: libc::time_t = 10;
+
 /// Blocking rtnetlink socket in the namespace of the thread that opened it.
 pub struct NetlinkRoute {
     socket: Socket,
@@ -48,6 +50,24 @@ impl NetlinkRoute {
         socket
             .connect(&SocketAddr::new(0, 0))
             .map_err(|e| err("connect socket", e))?;
+        // The kernel always answers; the timeout only keeps a bug from hanging PID 1.
+        let timeout = libc::timeval {
+            tv_sec: REPLY_TIMEOUT_SECS,
+            tv_usec: 0,
+        };
+        // SAFETY: a valid socket fd and a `timeval` of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(err("set receive timeout", io::Error::last_os_error()));
+        }
         Ok(NetlinkRoute { socket, seq: 0 })
     }
 
@@ -78,7 +98,16 @@ impl NetlinkRoute {
 
         let mut replies = Vec::new();
         loop {
-            let (data, _) = self.socket.recv_from_full()?;
+            let (data, _) = self.socket.recv_from_full().map_err(|e| {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no reply from the kernel within {REPLY_TIMEOUT_SECS} s"),
+                    )
+                } else {
+                    e
+                }
+            })?;
             let mut offset = 0;
             while offset < data.len() {
                 let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..])

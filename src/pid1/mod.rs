@@ -15,7 +15,7 @@ pub fn spawn_signal_thread(mut source: SignalSource, sup: Arc<Supervisor>) {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
-            match source.next() {
+            match source.wait() {
                 Ok(SignalEvent::ChildExited) => sup.reap(),
                 Ok(SignalEvent::Stop(sig)) => {
                     let n = sup.request_stop();

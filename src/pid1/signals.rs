@@ -53,7 +53,7 @@ impl SignalSource {
     }
 
     /// Blocks until the next signal.
-    pub fn next(&mut self) -> nix::Result<SignalEvent> {
+    pub fn wait(&mut self) -> nix::Result<SignalEvent> {
         loop {
             match self.fd.read_signal() {
                 Ok(Some(info)) => return Ok(classify(info.ssi_signo as i32)),

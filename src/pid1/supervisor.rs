@@ -34,6 +34,14 @@ impl std::fmt::Display for Exit {
     }
 }
 
+/// What `Supervisor::output` collected.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub exit: Exit,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
 #[derive(Debug)]
 enum Slot {
     Running(String),
@@ -205,10 +213,7 @@ impl Supervisor {
             if let Some(exit) = Self::take_exit(&mut st, pid) {
                 return Some(exit);
             }
-            st = match self.wait_until(st, deadline) {
-                Some(g) => g,
-                None => return None,
-            };
+            st = self.wait_until(st, deadline)?;
         }
     }
 
@@ -284,6 +289,68 @@ impl Supervisor {
             })
             .expect("spawning a thread");
         Step { slot }
+    }
+
+    /// Runs a short command to completion through the supervisor (never std's `wait`), feeding it
+    /// `stdin` and collecting its output; killed at `timeout`.
+    pub fn output(
+        &self,
+        name: &str,
+        cmd: &mut Command,
+        stdin: &[u8],
+        timeout: Duration,
+    ) -> io::Result<Output> {
+        use std::io::{Read, Write};
+        use std::process::Stdio;
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = self.spawn(name, cmd)?;
+        let pid = child.id() as i32;
+        if let Some(mut w) = child.stdin.take() {
+            let data = stdin.to_vec();
+            std::thread::spawn(move || {
+                let _ = w.write_all(&data);
+            });
+        }
+        let readers: Vec<_> = [
+            child
+                .stdout
+                .take()
+                .map(|r| Box::new(r) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|r| Box::new(r) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .map(|r| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(r) = r {
+                    let _ = r.take(1 << 20).read_to_end(&mut buf);
+                }
+                buf
+            })
+        })
+        .collect();
+        let exit = match self.wait_exit(pid, Some(Instant::now() + timeout)) {
+            Some(e) => e,
+            None => {
+                let _ = self.signal(pid, libc::SIGKILL);
+                let _ = self.wait_exit(pid, Some(Instant::now() + Duration::from_secs(2)));
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("{name} did not finish within {} s", timeout.as_secs()),
+                ));
+            }
+        };
+        let mut outs = readers.into_iter().map(|h| h.join().unwrap_or_default());
+        Ok(Output {
+            exit,
+            stdout: outs.next().unwrap_or_default(),
+            stderr: outs.next().unwrap_or_default(),
+        })
     }
 
     /// Sleeps up to `d`, returning early (false) when a stop is requested.

@@ -120,12 +120,8 @@ pub fn preflight() -> Result<(), SysboxError> {
 
 fn check_data_root(p: &Path) -> Result<(), SysboxError> {
     std::fs::create_dir_all(p).ok();
-    let Ok(st) = rustix::fs::statfs(p) else {
-        return Ok(());
-    };
-    let fs = match st.f_type as i64 {
-        0x794c7630 => "overlayfs",
-        0x01021994 => "tmpfs",
+    let fs = match crate::sys::fs_kind(p) {
+        Some(k @ (crate::sys::FsKind::Overlay | crate::sys::FsKind::Tmpfs)) => k.name(),
         _ => return Ok(()),
     };
     Err(SysboxError::DataRootFs {

@@ -76,6 +76,8 @@ pub enum Call {
         score: i32,
     },
     Mkdir(PathBuf),
+    UnshareCgroupNs,
+    MountCgroup2(PathBuf),
 }
 
 #[derive(Default)]
@@ -177,6 +179,14 @@ impl Kernel for RecordingKernel {
     }
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
         self.record(Call::Mkdir(path.into()));
+        Ok(())
+    }
+    fn unshare_cgroup_namespace(&self) -> io::Result<()> {
+        self.record(Call::UnshareCgroupNs);
+        Ok(())
+    }
+    fn mount_cgroup2(&self, target: &Path) -> io::Result<()> {
+        self.record(Call::MountCgroup2(target.into()));
         Ok(())
     }
     fn set_oom_score_adj(&self, pid: Option<i32>, score: i32) -> io::Result<()> {

@@ -50,5 +50,40 @@ pub trait Kernel: Send + Sync {
     fn chmod(&self, path: &Path, mode: u32) -> io::Result<()>;
     fn write_file(&self, path: &Path, contents: &[u8]) -> io::Result<()>;
     fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// A new cgroup namespace for the calling thread (and the children it spawns afterwards).
+    fn unshare_cgroup_namespace(&self) -> io::Result<()>;
+    fn mount_cgroup2(&self, target: &Path) -> io::Result<()>;
     fn set_oom_score_adj(&self, pid: Option<i32>, score: i32) -> io::Result<()>;
+}
+
+/// File systems whose presence changes what envbox may do with a directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsKind {
+    Overlay,
+    Tmpfs,
+    Cgroup2,
+    Other,
+}
+
+impl FsKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FsKind::Overlay => "overlayfs",
+            FsKind::Tmpfs => "tmpfs",
+            FsKind::Cgroup2 => "cgroup2",
+            FsKind::Other => "another file system",
+        }
+    }
+}
+
+/// The file system of `path`, or None when it cannot be inspected.
+pub fn fs_kind(path: &Path) -> Option<FsKind> {
+    let st = rustix::fs::statfs(path).ok()?;
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between architectures
+    Some(match st.f_type as i64 {
+        0x794c_7630 => FsKind::Overlay,
+        0x0102_1994 => FsKind::Tmpfs,
+        0x6367_7270 => FsKind::Cgroup2,
+        _ => FsKind::Other,
+    })
 }

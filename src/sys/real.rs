@@ -175,6 +175,26 @@ impl Kernel for RealKernel {
         })
     }
 
+    fn unshare_cgroup_namespace(&self) -> io::Result<()> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP).map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!("unshare the cgroup namespace: {e}"),
+            )
+        })
+    }
+
+    fn mount_cgroup2(&self, target: &Path) -> io::Result<()> {
+        nix::mount::mount(
+            Some("cgroup2"),
+            target,
+            Some("cgroup2"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .map_err(|e| ctx(e, "mount cgroup2 on", target))
+    }
+
     fn set_oom_score_adj(&self, pid: Option<i32>, score: i32) -> io::Result<()> {
         let p = match pid {
             Some(pid) => format!("/proc/{pid}/oom_score_adj"),
