@@ -118,6 +118,16 @@ fn docker(a: &cli::DockerArgs) -> ExitCode {
     }
     init_logging(cfg.debug);
     let log = Arc::new(BuildLog::stderr());
+    let kernel = RealKernel;
+    if let Err(e) = pod::check_privileged() {
+        return fail(&log, &e.to_string());
+    }
+    // Still single-threaded: the cgroup namespace is per thread and inherited by later threads.
+    if cgroup::detect_layout() == cgroup::Layout::Unified {
+        if let Err(e) = cgroup::delegate_pod_cgroup(&kernel, std::path::Path::new(cgroup::CGROUP_ROOT)) {
+            return fail(&log, &format!("preparing the pod's cgroup v2 tree for the workspace: {e}"));
+        }
+    }
     let sup = Supervisor::new(Arc::new(RealProcessOps));
     match pid1::signals::SignalSource::open() {
         Ok(src) => pid1::spawn_signal_thread(src, Arc::clone(&sup)),
@@ -126,8 +136,7 @@ fn docker(a: &cli::DockerArgs) -> ExitCode {
     if let Err(e) = pid1::become_subreaper() {
         log::warn!("cannot become a child subreaper: {e}");
     }
-    let kernel = RealKernel;
-    if let Err(e) = pod::check_privileged().and_then(|_| pod::prepare(&kernel)) {
+    if let Err(e) = pod::prepare(&kernel) {
         return fail(&log, &e.to_string());
     }
     let started = Instant::now();
