@@ -1355,4 +1355,80 @@ mod tests {
         );
         wait_until("give up on a refusing server", 5, || log.shared.lock().dead);
     }
+
+    /// TLS end to end against tests/lib/fake_coder.py with a self-signed certificate trusted via
+    /// `TlsRoots` (as CODER_EXTRA_CERTS_PATH does). Needs python3 and openssl:
+    /// `cargo test coderlog -- --ignored`.
+    #[test]
+    #[ignore]
+    fn tls_against_fake_coder() {
+        use std::process::{Command, Stdio};
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let ok = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let (record, ready) = (dir.path().join("rec.jsonl"), dir.path().join("ready"));
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/lib/fake_coder.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--token",
+                "tok-TLS-7",
+            ])
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .arg("--record")
+            .arg(&record)
+            .arg("--ready")
+            .arg(&ready)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_until("fake coder", 10, || ready.exists());
+        let roots = TlsRoots::load_from(std::path::Path::new("/nonexistent"), Some(&cert)).unwrap();
+        let log = start(
+            &format!("https://127.0.0.1:{port}"),
+            &Secret::new("tok-TLS-7"),
+            &roots,
+        );
+        info(&log, "Pulling image");
+        info(&log, &"€".repeat(1000));
+        log.flush();
+        let _ = child.kill();
+        let _ = child.wait();
+        let lines: Vec<Value> = std::fs::read_to_string(&record)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(lines[0]["method"], "POST");
+        assert_eq!(lines[1]["body"]["logs"][0]["output"], "Pulling image");
+        assert_eq!(lines[1]["body"]["logs"].as_array().unwrap().len(), 4);
+    }
 }

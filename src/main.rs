@@ -124,8 +124,13 @@ fn docker(a: &cli::DockerArgs) -> ExitCode {
     }
     // Still single-threaded: the cgroup namespace is per thread and inherited by later threads.
     if cgroup::detect_layout() == cgroup::Layout::Unified {
-        if let Err(e) = cgroup::delegate_pod_cgroup(&kernel, std::path::Path::new(cgroup::CGROUP_ROOT)) {
-            return fail(&log, &format!("preparing the pod's cgroup v2 tree for the workspace: {e}"));
+        if let Err(e) =
+            cgroup::delegate_pod_cgroup(&kernel, std::path::Path::new(cgroup::CGROUP_ROOT))
+        {
+            return fail(
+                &log,
+                &format!("preparing the pod's cgroup v2 tree for the workspace: {e}"),
+            );
         }
     }
     let sup = Supervisor::new(Arc::new(RealProcessOps));

@@ -92,7 +92,9 @@ pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, Bundl
         });
     }
 
-    let init = if input.facts.has_init {
+    // Only systemd is run as the workspace's PID 1: other inits (busybox's, sysvinit) expect a
+    // console and an inittab and do not stop on a container's stop signal.
+    let init = if input.facts.init == crate::image::facts::SbinInit::Systemd {
         WorkspaceInit::Systemd
     } else {
         binds.push(BindMount {

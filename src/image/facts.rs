@@ -10,7 +10,7 @@
 //! and at most [`MAX_FILE_SIZE`] bytes of each.
 
 use std::io::{self, Read};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{self as rfs, FileType, Mode, OFlags, ResolveFlags};
@@ -69,10 +69,21 @@ impl Default for OsRelease {
     }
 }
 
+/// What `/sbin/init` is in the image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SbinInit {
+    Missing,
+    /// Resolves (inside the image) to a file named `systemd`.
+    Systemd,
+    /// Another init (busybox, sysvinit, openrc...), by the path it resolves to inside the image.
+    Other(String),
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImageFacts {
     pub user: UserInfo,
     pub has_init: bool,
+    pub init: SbinInit,
     pub os: OsRelease,
 }
 
@@ -108,9 +119,11 @@ fn for_user(user: &Option<String>) -> String {
 /// Everything envbox needs to know about the image before creating the container.
 pub fn read_facts(root: &Path, username: &str) -> Result<ImageFacts, FactsError> {
     let image = ImageRoot::open(root)?;
+    let init = image.sbin_init()?;
     Ok(ImageFacts {
         user: image.lookup_user(username)?,
-        has_init: image.has_sbin_init()?,
+        has_init: init != SbinInit::Missing,
+        init,
         os: image.os_release()?,
     })
 }
@@ -246,17 +259,40 @@ impl ImageRoot {
     }
 
     fn has_sbin_init(&self) -> Result<bool, FactsError> {
+        Ok(self.sbin_init()? != SbinInit::Missing)
+    }
+
+    /// Follows `/sbin/init` inside the image and names what it resolves to: the kernel reports the
+    /// resolved path of an O_PATH descriptor, which is relative to the image root after stripping it.
+    fn sbin_init(&self) -> Result<SbinInit, FactsError> {
         const INIT: &str = "/sbin/init";
-        match open_in_root(self.fd.as_fd(), INIT, OFlags::PATH) {
-            Ok(fd) => {
-                let st = rfs::fstat(&fd).map_err(|e| FactsError::Probe {
-                    file: INIT,
-                    source: e.into(),
-                })?;
-                Ok(FileType::from_raw_mode(st.st_mode) == FileType::RegularFile)
-            }
-            Err(e) if is_missing(&e) => Ok(false),
-            Err(source) => Err(FactsError::Probe { file: INIT, source }),
+        let fd = match open_in_root(self.fd.as_fd(), INIT, OFlags::PATH) {
+            Ok(fd) => fd,
+            Err(e) if is_missing(&e) => return Ok(SbinInit::Missing),
+            Err(source) => return Err(FactsError::Probe { file: INIT, source }),
+        };
+        let st = rfs::fstat(&fd).map_err(|e| FactsError::Probe {
+            file: INIT,
+            source: e.into(),
+        })?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return Ok(SbinInit::Missing);
+        }
+        let link =
+            |fd: BorrowedFd<'_>| std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        let (target, root) = match (link(fd.as_fd()), link(self.fd.as_fd())) {
+            (Ok(t), Ok(r)) => (t, r),
+            // Without /proc the name cannot be told; treat it as an unknown init.
+            _ => return Ok(SbinInit::Other(INIT.into())),
+        };
+        let inside = target
+            .strip_prefix(&root)
+            .map(|p| format!("/{}", p.display()))
+            .unwrap_or_else(|_| INIT.into());
+        if target.file_name().is_some_and(|n| n == "systemd") {
+            Ok(SbinInit::Systemd)
+        } else {
+            Ok(SbinInit::Other(inside))
         }
     }
 
@@ -573,6 +609,10 @@ coder:x:1000:
         assert!(!has_sbin_init(&root).unwrap(), "dangling link");
         fs::write(root.join("lib/systemd/systemd"), b"\x7fELF").unwrap();
         assert!(has_sbin_init(&root).unwrap());
+        assert_eq!(
+            ImageRoot::open(&root).unwrap().sbin_init().unwrap(),
+            SbinInit::Systemd
+        );
         // A link escaping with .. is clamped at the root.
         fs::remove_file(root.join("usr/sbin/init")).unwrap();
         symlink(
@@ -585,6 +625,15 @@ coder:x:1000:
         fs::remove_file(root.join("usr/sbin/init")).unwrap();
         symlink("init", root.join("usr/sbin/init")).unwrap();
         assert!(!has_sbin_init(&root).unwrap());
+        // busybox's init is an init, but not systemd.
+        fs::remove_file(root.join("usr/sbin/init")).unwrap();
+        fs::create_dir_all(root.join("bin")).unwrap();
+        fs::write(root.join("bin/busybox"), b"\x7fELF").unwrap();
+        symlink("../../bin/busybox", root.join("usr/sbin/init")).unwrap();
+        assert_eq!(
+            ImageRoot::open(&root).unwrap().sbin_init().unwrap(),
+            SbinInit::Other("/bin/busybox".into())
+        );
     }
 
     #[test]
