@@ -19,7 +19,8 @@
 //!   rejected token (401/403) or Coder's own log limit (413) stops it at once. Each of these ends is
 //!   one operator warning, which never contains the token.
 //! - [`RemoteSink::flush`] (end of start-up) waits at most [`FLUSH_DEADLINE`] for the queue to be
-//!   sent, and not at all while the server is failing. Nothing else ever waits for the sender: it is
+//!   sent, not at all while the server is failing, and not past [`SLOW_REQUEST`] after the start
+//!   of a request still unanswered. Nothing else ever waits for the sender: it is
 //!   detached and dies with the process, so shutdown is never delayed by it.
 
 use std::collections::VecDeque;
@@ -53,6 +54,9 @@ pub const BATCH_WINDOW: Duration = Duration::from_millis(250);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const FLUSH_DEADLINE: Duration = Duration::from_secs(2);
+/// `flush` does not wait for a request that has been in flight this long (a healthy Coder answers
+/// in milliseconds); the sender itself still waits up to [`REQUEST_TIMEOUT`].
+pub const SLOW_REQUEST: Duration = Duration::from_secs(1);
 /// Consecutive failed requests after which the sender gives up.
 pub const MAX_FAILURES: u32 = 4;
 /// Entries (each at most 1 KiB) the queue holds before new lines are dropped.
@@ -74,6 +78,8 @@ struct Tuning {
     backoff: Duration,
     max_failures: u32,
     flush_deadline: Duration,
+    /// `flush` stops waiting on a request in flight for this long.
+    slow_request: Duration,
     connect_timeout: Duration,
     request_timeout: Duration,
 }
@@ -90,6 +96,7 @@ impl Default for Tuning {
             backoff: Duration::from_secs(1),
             max_failures: MAX_FAILURES,
             flush_deadline: FLUSH_DEADLINE,
+            slow_request: SLOW_REQUEST,
             connect_timeout: CONNECT_TIMEOUT,
             request_timeout: REQUEST_TIMEOUT,
         }
@@ -198,17 +205,21 @@ impl RemoteSink for CoderLog {
         self.shared.wake.notify_one();
         while st.settled < target && !st.dead && !st.failing {
             let now = Instant::now();
-            if now >= deadline {
+            // A request unanswered after `slow_request` means a stalled server: waiting longer
+            // would only hold up whatever follows start-up (exit, or handling a SIGTERM).
+            let stalled_at = st.in_flight_since.map(|t| t + self.tuning.slow_request);
+            if now >= deadline || stalled_at.is_some_and(|t| now >= t) {
                 log::debug!(
-                    "coder log: flush deadline passed with {} entries unsent",
+                    "coder log: flush gives up with {} entries unsent",
                     target - st.settled
                 );
                 break;
             }
+            let until = stalled_at.map_or(deadline, |t| t.min(deadline));
             st = self
                 .shared
                 .progress
-                .wait_timeout(st, deadline - now)
+                .wait_timeout(st, until - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
@@ -242,6 +253,8 @@ struct State {
     failing: bool,
     /// The sender has stopped for good.
     dead: bool,
+    /// When the request now in flight was started.
+    in_flight_since: Option<Instant>,
 }
 
 impl Default for State {
@@ -255,6 +268,7 @@ impl Default for State {
             flush_requested: false,
             failing: false,
             dead: false,
+            in_flight_since: None,
         }
     }
 }
@@ -429,7 +443,7 @@ impl Sender {
     }
 
     fn register(&mut self, batch: &Batch) -> Next {
-        let reply = self.api.register(&log_source_body());
+        let reply = self.call(|api| api.register(&log_source_body()));
         match reply {
             Reply::Ok | Reply::Status(409, _) => {
                 self.source_id = Some(LOG_SOURCE_ID);
@@ -450,7 +464,7 @@ impl Sender {
 
     fn send(&mut self, source_id: &str, batch: &mut Batch) -> Next {
         let body = logs_body(source_id, &batch.entries);
-        let reply = self.api.patch_logs(&body);
+        let reply = self.call(|api| api.patch_logs(&body));
         match reply {
             Reply::Ok => {
                 self.succeeded(batch.counted);
@@ -485,6 +499,16 @@ impl Sender {
             }
             _ => self.failed("send start-up lines", &reply, batch.counted),
         }
+    }
+
+    /// Makes one request, showing `flush` that it is in flight.
+    fn call(&mut self, f: impl FnOnce(&mut dyn Api) -> Reply) -> Reply {
+        self.shared.lock().in_flight_since = Some(Instant::now());
+        // A waiting `flush` re-arms its timer on the new request.
+        self.shared.progress.notify_all();
+        let reply = f(self.api.as_mut());
+        self.shared.lock().in_flight_since = None;
+        reply
     }
 
     fn succeeded(&mut self, counted: usize) {
@@ -1125,6 +1149,31 @@ mod tests {
             "{:?}",
             t.elapsed()
         );
+    }
+
+    #[test]
+    fn flush_does_not_wait_on_a_stalled_request() {
+        let mut api = FakeApi::ok();
+        api.delay = Duration::from_secs(3);
+        let tuning = Tuning {
+            slow_request: Duration::from_millis(200),
+            ..fast()
+        };
+        let log = start_with(Box::new(api.clone()), tuning);
+        info(&log, "a");
+        // The registration has been in flight for longer than `slow_request`: no wait at all.
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        log.flush();
+        assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+        // A fresh request gets at most `slow_request`, not the whole flush deadline.
+        let log = start_with(Box::new(api.clone()), tuning);
+        info(&log, "b");
+        let t = Instant::now();
+        log.flush();
+        let waited = t.elapsed();
+        assert!(waited >= Duration::from_millis(150), "{waited:?}");
+        assert!(waited < Duration::from_millis(600), "{waited:?}");
     }
 
     #[test]

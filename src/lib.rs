@@ -9,6 +9,7 @@ pub mod config;
 pub mod exec;
 pub mod image;
 pub mod init;
+pub mod net;
 pub mod pid1;
 pub mod pod;
 pub mod runtime;

@@ -2,8 +2,8 @@
 //! container. `docker` reads as the start-up sequence; each step lives in its own module.
 
 use envbox::{
-    buildlog, bundle, cgroup, cli, config, exec, image, init, pid1, pod, runtime, secrets, sys,
-    workspace,
+    buildlog, bundle, cgroup, cli, coderlog, config, exec, image, init, net, pid1, pod, runtime,
+    secrets, sys, workspace,
 };
 
 use std::process::ExitCode;
@@ -22,6 +22,8 @@ use sys::real::{RealKernel, RealProcessOps};
 /// Configuration errors: nothing was created, mounted or started.
 const EXIT_CONFIG: u8 = 2;
 const EXIT_FAILURE: u8 = 1;
+/// Where the root filesystem goes when the cache volume is full: the pod's own writable layer.
+const EPHEMERAL_DIR: &str = "/var/tmp/envbox";
 
 fn main() -> ExitCode {
     // Before anything can spawn a thread: every thread inherits this mask.
@@ -59,8 +61,9 @@ fn init_logging(debug: bool) {
         .init();
 }
 
-fn config_error(e: &config::ConfigError) -> ExitCode {
+fn config_error(e: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("envbox: {e}");
+    buildlog::write_termination_log(&e.to_string());
     ExitCode::from(EXIT_CONFIG)
 }
 
@@ -77,9 +80,7 @@ fn pull(a: &cli::PullArgs) -> ExitCode {
     let say = |m: &str| log.info(m);
     let outcome = image::pull(&cfg, None, &AtomicBool::new(false), &say).and_then(|o| {
         let cache = image::rootfs::LayerCache::open(&cfg.cache_dir)?;
-        for l in image::layer_blobs(&o.pulled) {
-            cache.ensure(&l)?;
-        }
+        cache.ensure_all(&image::layer_blobs(&o.pulled))?;
         Ok(o)
     });
     match outcome {
@@ -117,7 +118,30 @@ fn docker(a: &cli::DockerArgs) -> ExitCode {
         secrets::register(s);
     }
     init_logging(cfg.debug);
+    // The pod's network is read, not changed: a bad link plan is a configuration error too.
+    let plan = net::LinkPlan {
+        uplink: cfg.ethlink.clone(),
+        ..net::LinkPlan::new(
+            cfg.bridge.pod_addr,
+            cfg.bridge.workspace_addr,
+            cfg.bridge.prefix,
+        )
+    };
+    let mtu = match plan
+        .validate()
+        .and_then(|_| net::uplink_mtu(&cfg.ethlink))
+        .and_then(|mtu| net::check_pod_overlap(&plan).map(|_| mtu))
+    {
+        Ok(mtu) => mtu,
+        Err(e) => return config_error(&e),
+    };
     let log = Arc::new(BuildLog::stderr());
+    if let (Some(url), Some(token)) = (&cfg.agent_url, &cfg.agent_token) {
+        match image::registry::TlsRoots::load(cfg.image.extra_certs.as_deref()) {
+            Ok(roots) => log.set_remote(Box::new(coderlog::start(url, token, &roots))),
+            Err(e) => log::warn!("start-up lines are not sent to Coder: {e}"),
+        }
+    }
     let kernel = RealKernel;
     if let Err(e) = pod::check_privileged() {
         return fail(&log, &e.to_string());
@@ -145,14 +169,15 @@ fn docker(a: &cli::DockerArgs) -> ExitCode {
         return fail(&log, &e.to_string());
     }
     let started = Instant::now();
-    match start_workspace(&cfg, &log, &sup, &kernel) {
+    let link = Link { plan, mtu };
+    match start_workspace(&cfg, &log, &sup, &kernel, &link) {
         Ok(running) => {
             log.info(format!(
                 "Workspace started in {:.1} s",
                 started.elapsed().as_secs_f64()
             ));
             log.done();
-            supervise(&cfg, &log, &sup, &kernel, running)
+            supervise(&cfg, &log, &sup, &kernel, &link, running)
         }
         Err(Abort::Stopped) => {
             log.info("Stopped before the workspace started");
@@ -170,6 +195,12 @@ fn fail(log: &BuildLog, msg: &str) -> ExitCode {
     ExitCode::from(EXIT_FAILURE)
 }
 
+/// The pod–workspace link, decided before start-up.
+struct Link {
+    plan: net::LinkPlan,
+    mtu: u32,
+}
+
 struct Running {
     ws: workspace::Workspace,
     bootstrap: Option<workspace::Bootstrap>,
@@ -182,6 +213,7 @@ fn start_workspace(
     log: &Arc<BuildLog>,
     sup: &Arc<Supervisor>,
     kernel: &RealKernel,
+    link: &Link,
 ) -> Result<Running, Abort> {
     let failed = |e: &dyn std::fmt::Display| Abort::Failed(e.to_string());
     std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
@@ -256,7 +288,14 @@ fn start_workspace(
     let l = Arc::clone(log);
     let rootfs = sup
         .run_step("unpack", move || {
-            image::rootfs::prepare(&RealKernel, &cache, &state, &layers, &|m| l.info(m))
+            image::rootfs::prepare(
+                &RealKernel,
+                &cache,
+                &state,
+                &layers,
+                Some(std::path::Path::new(EPHEMERAL_DIR)),
+                &|m| l.info(m),
+            )
         })
         .map_err(|_| {
             stop_daemons(&daemons);
@@ -294,6 +333,9 @@ fn start_workspace(
         working_dir: p.image.config.working_dir.clone(),
         stop_signal: p.image.config.stop_signal.clone(),
     };
+    if rootfs.kind == image::rootfs::RootfsKind::Overlay {
+        inner_docker_mtu(&rootfs.path, &cfg.state_dir.join("upper"), link.mtu, log);
+    }
     let bundle_dir = cfg.state_dir.join("bundle");
     let bundle = bundle::prepare(
         kernel,
@@ -341,8 +383,15 @@ fn start_workspace(
     }
     let abandon = |ws: &workspace::Workspace, rootfs: &image::rootfs::Rootfs| {
         ws.stop(None, Instant::now() + Duration::from_secs(5), || true);
+        if let Err(e) = net::teardown(&link.plan, sup.as_ref()) {
+            log::warn!("removing the workspace's link: {e}");
+        }
         on_error(rootfs);
     };
+    if let Err(e) = net::setup(&link.plan, ws.pid, link.mtu, sup.as_ref()) {
+        abandon(&ws, &rootfs);
+        return Err(failed(&e));
+    }
     if sup.stop_requests() > 0 {
         abandon(&ws, &rootfs);
         return Err(Abort::Stopped);
@@ -381,6 +430,7 @@ fn supervise(
     log: &BuildLog,
     sup: &Arc<Supervisor>,
     kernel: &RealKernel,
+    link: &Link,
     mut r: Running,
 ) -> ExitCode {
     let mut watched = vec![r.ws.pid];
@@ -422,11 +472,22 @@ fn supervise(
     let hurry = || sup.stop_requests() > 1;
     let t = Instant::now();
     let clean = r.ws.stop(r.bootstrap.as_ref(), deadline, hurry);
+    if let Err(e) = net::teardown(&link.plan, sup.as_ref()) {
+        log::warn!("removing the workspace's link: {e}");
+    }
     image::rootfs::release(kernel, &r.rootfs);
     if let Some(d) = &r.daemons {
         d.stop(sup, deadline);
     }
-    rustix::fs::sync();
+    // What the workspace wrote to its volumes must be on disk before the pod is torn down.
+    let mut synced: Vec<&std::path::Path> = vec![&cfg.state_dir];
+    synced.extend(cfg.mounts.iter().map(|m| m.source.as_path()));
+    synced.extend(
+        bundle::mounts::DEFAULT_MOUNTS
+            .iter()
+            .map(|(src, _)| std::path::Path::new(*src)),
+    );
+    sys::sync_filesystems(&synced);
     if let Some(msg) = unexpected {
         return fail(log, &msg);
     }
@@ -436,4 +497,31 @@ fn supervise(
         t.elapsed().as_secs_f64()
     );
     ExitCode::SUCCESS
+}
+
+/// The inner dockerd should use the pod's MTU (envbox#167). A `daemon.json` saying so is added to this
+/// start's writable layer only when the image has Docker and no `daemon.json` of its own; the image's
+/// files are never rewritten.
+fn inner_docker_mtu(rootfs: &std::path::Path, upper: &std::path::Path, mtu: u32, log: &BuildLog) {
+    use image::facts::{image_has, read_image_file};
+    if ![
+        "/usr/bin/dockerd",
+        "/usr/sbin/dockerd",
+        "/usr/local/bin/dockerd",
+    ]
+    .iter()
+    .any(|p| image_has(rootfs, p))
+    {
+        return;
+    }
+    let existing = read_image_file(rootfs, net::DAEMON_JSON_PATH).unwrap_or(None);
+    match net::inner_docker_daemon_json(existing.as_deref(), mtu) {
+        net::DaemonJsonDecision::Write(content) => {
+            if let Err(e) = bundle::add_to_upper(upper, net::DAEMON_JSON_PATH, content.as_bytes()) {
+                log::warn!("cannot give the inner Docker the pod's MTU: {e}");
+            }
+        }
+        net::DaemonJsonDecision::Keep => {}
+        net::DaemonJsonDecision::KeepWithWarning(w) => log.info(w),
+    }
 }

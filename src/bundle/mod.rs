@@ -163,6 +163,27 @@ pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, Bundl
     })
 }
 
+/// Adds a file to this start's writable layer (the overlay upper directory), owned by the workspace's
+/// root. The upper directory is ours and fresh, so plain paths are safe in it.
+pub fn add_to_upper(upper: &Path, inner_path: &str, content: &[u8]) -> std::io::Result<()> {
+    let target = upper.join(inner_path.trim_start_matches('/'));
+    let mut missing = Vec::new();
+    let mut dir = target.parent();
+    while let Some(d) = dir {
+        if d == upper || d.exists() {
+            break;
+        }
+        missing.push(d.to_path_buf());
+        dir = d.parent();
+    }
+    for d in missing.iter().rev() {
+        std::fs::create_dir(d)?;
+        std::os::unix::fs::chown(d, Some(ID_MAP_HOST_START), Some(ID_MAP_HOST_START))?;
+    }
+    std::fs::write(&target, content)?;
+    std::os::unix::fs::chown(&target, Some(ID_MAP_HOST_START), Some(ID_MAP_HOST_START))
+}
+
 /// Writes JSON readable by root only: config.json carries the agent token.
 pub fn write_private_json<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");

@@ -152,6 +152,24 @@ pub fn os_release(root: &Path) -> Result<OsRelease, FactsError> {
     ImageRoot::open(root)?.os_release()
 }
 
+/// The content of a regular file of the image (`None` when it does not exist), read inside the root.
+pub fn read_image_file(root: &Path, path: &'static str) -> Result<Option<String>, FactsError> {
+    ImageRoot::open(root)?
+        .read_file(path)
+        .map_err(|source| FactsError::Read {
+            file: path,
+            user: None,
+            source,
+        })
+}
+
+/// Whether `path` exists in the image (symlinks followed inside the root).
+pub fn image_has(root: &Path, path: &str) -> bool {
+    ImageRoot::open(root)
+        .ok()
+        .is_some_and(|r| open_in_root(r.fd.as_fd(), path, OFlags::PATH).is_ok())
+}
+
 struct ImageRoot {
     fd: OwnedFd,
 }

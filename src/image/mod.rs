@@ -110,10 +110,12 @@ pub fn layer_blobs(p: &PulledImage) -> Vec<rootfs::LayerBlob> {
         .layers
         .iter()
         .zip(&p.layer_paths)
-        .map(|(d, path)| rootfs::LayerBlob {
+        .enumerate()
+        .map(|(i, (d, path))| rootfs::LayerBlob {
             digest: d.digest.clone(),
             media_type: d.media_type.clone(),
             path: path.clone(),
+            diff_id: p.image.diff_ids.get(i).cloned(),
         })
         .collect()
 }

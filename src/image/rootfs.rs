@@ -1,18 +1,29 @@
 //! The workspace's root filesystem for one start.
 //!
 //! Each layer is unpacked once, uid-shifted, into an overlayfs lower directory under
-//! `<cache>/layers/`, published by an atomic rename only when complete (an interrupted unpack is never
-//! used). Every start mounts an overlay of those layers with a fresh upper and work directory under
-//! the state directory, so a warm start copies nothing. Where overlay cannot be mounted, the layers are
-//! applied into a flattened copy instead, and the build log says so.
+//! `<cache>/layers/`, published by an atomic rename only when complete and its diff_id verified (an
+//! interrupted unpack is never used, and its private `.tmp-*` directory is removed by the next start
+//! once no live process holds its lock). Layers are named by their digest; a layer that hard-links
+//! files of the layers below it is only valid on top of them and is named by its chain instead. Every
+//! start mounts an overlay of those layers with a fresh upper and work directory under the state
+//! directory, so a warm start copies nothing. Where overlay cannot be mounted, the layers are applied
+//! into a flattened copy instead, and the build log says so; where the cache's file system is full,
+//! the flattened copy goes to the ephemeral directory the caller names, and the build log says so.
 
 use std::fs::File;
 use std::io::BufReader;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use rustix::fs::{self as rfs, FlockOperation, Mode, OFlags};
+use sha2::{Digest as _, Sha256};
 
 use crate::bundle::spec::ID_MAP_HOST_START;
-use crate::image::unpack::{apply_layer, apply_layer_overlay, Compression, IdShift, UnpackError};
+use crate::image::unpack::{
+    apply_layer, apply_layer_overlay, Compression, IdShift, LayerStats, UnpackError,
+};
 use crate::sys::Kernel;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,11 +36,29 @@ pub enum RootfsError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("no space left for the root filesystem: {0}")]
+    NoSpace(String),
 }
 
 fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RootfsError {
     let path = path.to_path_buf();
     move |source| RootfsError::Io { op, path, source }
+}
+
+impl RootfsError {
+    /// Whether the file system ran out of space (or quota) somewhere below this error.
+    pub fn is_no_space(&self) -> bool {
+        let mut e: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(err) = e {
+            if let Some(ioe) = err.downcast_ref::<std::io::Error>() {
+                if matches!(ioe.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
+                    return true;
+                }
+            }
+            e = err.source();
+        }
+        matches!(self, RootfsError::NoSpace(_))
+    }
 }
 
 /// One layer blob, verified and stored, in application order (base first).
@@ -38,6 +67,9 @@ pub struct LayerBlob {
     pub digest: String,
     pub media_type: String,
     pub path: PathBuf,
+    /// The image configuration's `rootfs.diff_ids` entry: the digest of the uncompressed layer,
+    /// checked while unpacking when present.
+    pub diff_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,98 +93,357 @@ fn layer_dir_name(digest: &str) -> String {
     hex.chars().take(20).collect()
 }
 
+/// The directory name of a layer that depends on the layers below it (it hard-links files of
+/// theirs): the first 20 hex digits of sha256 over the directory names below it and its digest.
+fn chain_dir_name(below: &[CachedLayer], digest: &str) -> String {
+    let mut h = Sha256::new();
+    for b in below {
+        h.update(b.name.as_bytes());
+        h.update(b"\n");
+    }
+    h.update(digest.as_bytes());
+    hex::encode(h.finalize())[..20].to_string()
+}
+
+/// A layer unpacked in the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedLayer {
+    /// Directory name under the layers directory; the overlay lower directory is `<name>/t`.
+    pub name: String,
+    /// Whether this call unpacked it (false: it was already there).
+    pub unpacked: bool,
+}
+
+const TMP_PREFIX: &str = ".tmp-";
+
 pub struct LayerCache {
     dir: PathBuf,
+    swept: AtomicBool,
 }
 
 impl LayerCache {
     pub fn open(cache_dir: &Path) -> Result<Self, RootfsError> {
         let dir = cache_dir.join("layers");
         std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-        Ok(LayerCache { dir })
+        Ok(LayerCache {
+            dir,
+            swept: AtomicBool::new(false),
+        })
     }
 
-    pub fn path(&self, digest: &str) -> PathBuf {
-        self.dir.join(layer_dir_name(digest))
+    /// The layers directory (overlay lower directories are `<this>/<name>/t`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
-    /// Unpacks the layer into its lower directory unless a complete one exists. Returns whether it
-    /// unpacked. Concurrent starts sharing the cache each unpack into a private directory; the first
-    /// rename wins and the others discard theirs.
-    pub fn ensure(&self, layer: &LayerBlob) -> Result<bool, RootfsError> {
-        let done = self.path(&layer.digest);
-        if done.is_dir() {
-            return Ok(false);
+    /// The overlay lower directory of a cached layer.
+    pub fn lower_dir(&self, layer: &CachedLayer) -> PathBuf {
+        self.dir.join(&layer.name).join("t")
+    }
+
+    /// Ensures every layer of one image, base first. Returns them in the same order.
+    pub fn ensure_all(&self, layers: &[LayerBlob]) -> Result<Vec<CachedLayer>, RootfsError> {
+        let mut done: Vec<CachedLayer> = Vec::with_capacity(layers.len());
+        for l in layers {
+            let c = self.ensure(l, &done)?;
+            done.push(c);
         }
-        let tmp = self.dir.join(format!(
-            ".tmp-{}-{}",
-            layer_dir_name(&layer.digest),
-            std::process::id()
-        ));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(io("remove stale", &tmp))?;
+        Ok(done)
+    }
+
+    /// Unpacks the layer into its lower directory unless a complete one exists. `below` are the
+    /// layers under it in the same image, base first, as returned by earlier calls: hard links to
+    /// their files are resolved through them (a layer with such links is kept under a name of its
+    /// own chain, since it is only valid on top of those layers).
+    ///
+    /// A layer is unpacked into a private `.tmp-*` directory, locked (`flock`) while in use, and
+    /// published by an atomic rename only once complete and verified; on any error that directory
+    /// is removed. Concurrent starts sharing the cache each unpack privately; the first rename wins
+    /// and the others discard theirs. The first call removes `.tmp-*` directories left by
+    /// processes that died (their lock is free), whatever their pid namespace.
+    pub fn ensure(
+        &self,
+        layer: &LayerBlob,
+        below: &[CachedLayer],
+    ) -> Result<CachedLayer, RootfsError> {
+        if !self.swept.swap(true, Ordering::Relaxed) {
+            self.remove_stale_tmp();
         }
-        std::fs::create_dir(&tmp).map_err(io("create", &tmp))?;
-        let tree = tmp.join("t");
-        std::fs::create_dir(&tree).map_err(io("create", &tree))?;
-        apply_blob(layer, |r, c| {
-            apply_layer_overlay(&tree, r, c, &IdShift::ENVBOX)
-        })?;
-        std::fs::write(tmp.join("digest"), &layer.digest).map_err(io("write", &tmp))?;
-        match std::fs::rename(&tmp, &done) {
-            Ok(()) => Ok(true),
-            Err(_) if done.is_dir() => {
-                let _ = std::fs::remove_dir_all(&tmp);
-                Ok(false)
+        let plain = layer_dir_name(&layer.digest);
+        if self.dir.join(&plain).is_dir() {
+            return Ok(CachedLayer {
+                name: plain,
+                unpacked: false,
+            });
+        }
+        let chained = chain_dir_name(below, &layer.digest);
+        if !below.is_empty() && self.dir.join(&chained).is_dir() {
+            return Ok(CachedLayer {
+                name: chained,
+                unpacked: false,
+            });
+        }
+        let tmp = TmpDir::create(&self.dir, &plain)?;
+        let tree = tmp.path.join("t");
+        let lowers: Vec<PathBuf> = below.iter().rev().map(|b| self.lower_dir(b)).collect();
+        let lower_refs: Vec<&Path> = lowers.iter().map(PathBuf::as_path).collect();
+        let stats = std::fs::create_dir(&tree)
+            .map_err(io("create", &tree))
+            .and_then(|()| {
+                apply_blob(layer, |r, c, d| {
+                    apply_layer_overlay(&tree, &lower_refs, r, c, &IdShift::ENVBOX, d)
+                })
+            })
+            .and_then(|stats| {
+                let mut info = format!("{}\n", layer.digest);
+                if stats.lower_links > 0 {
+                    for b in below {
+                        info.push_str(&format!("below {}\n", b.name));
+                    }
+                }
+                std::fs::write(tmp.path.join("digest"), info)
+                    .map_err(io("write", &tmp.path))
+                    .map(|()| stats)
+            });
+        let stats = match stats {
+            Ok(s) => s,
+            Err(e) => {
+                tmp.discard();
+                return Err(e);
             }
-            Err(e) => Err(io("publish", &done)(e)),
+        };
+        let name = if stats.lower_links > 0 {
+            log::info!(
+                "layer {} hard-links {} files of the layers below it; cached as {chained} for this chain",
+                layer.digest,
+                stats.lower_links
+            );
+            chained
+        } else {
+            plain
+        };
+        let done = self.dir.join(&name);
+        match std::fs::rename(&tmp.path, &done) {
+            Ok(()) => {
+                tmp.published();
+                Ok(CachedLayer {
+                    name,
+                    unpacked: true,
+                })
+            }
+            Err(_) if done.is_dir() => {
+                tmp.discard();
+                Ok(CachedLayer {
+                    name,
+                    unpacked: false,
+                })
+            }
+            Err(e) => {
+                tmp.discard();
+                Err(io("publish", &done)(e))
+            }
         }
     }
+
+    /// Removes `.tmp-*` directories whose owner is gone: nobody holds their lock. Holding the
+    /// layers directory's lock exclusively keeps out creators between `mkdir` and `flock`.
+    fn remove_stale_tmp(&self) {
+        let Ok(dir_lock) = File::open(&self.dir) else {
+            return;
+        };
+        if rfs::flock(&dir_lock, FlockOperation::LockExclusive).is_err() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if !name.as_encoded_bytes().starts_with(TMP_PREFIX.as_bytes()) {
+                continue;
+            }
+            let p = e.path();
+            let Ok(fd) = rfs::open(
+                &p,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) else {
+                continue;
+            };
+            match rfs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => {
+                    log::info!("removing {}, left by an interrupted unpack", p.display());
+                    if let Err(e) = std::fs::remove_dir_all(&p) {
+                        log::warn!("removing {}: {e}", p.display());
+                    }
+                }
+                Err(_) => log::debug!("{} is in use by another unpack", p.display()),
+            }
+        }
+        drop(dir_lock);
+    }
+}
+
+/// A private unpack directory, locked while this process uses it.
+struct TmpDir {
+    path: PathBuf,
+    _lock: OwnedFd,
+}
+
+impl TmpDir {
+    fn create(layers: &Path, name: &str) -> Result<Self, RootfsError> {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = layers.join(format!(
+            "{TMP_PREFIX}{name}-{}-{nanos:08x}{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        // Shared lock on the layers directory from mkdir to flock: a sweeper (exclusive) never
+        // sees the new directory unlocked.
+        let dir_lock = File::open(layers).map_err(io("open", layers))?;
+        rfs::flock(&dir_lock, FlockOperation::LockShared)
+            .map_err(|e| io("lock", layers)(e.into()))?;
+        std::fs::create_dir(&path).map_err(io("create", &path))?;
+        let lock = rfs::open(
+            &path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .and_then(|fd| rfs::flock(&fd, FlockOperation::NonBlockingLockExclusive).map(|()| fd));
+        drop(dir_lock);
+        match lock {
+            Ok(fd) => Ok(TmpDir { path, _lock: fd }),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&path);
+                Err(io("lock", &path)(e.into()))
+            }
+        }
+    }
+
+    fn discard(self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            log::warn!("removing {}: {e}", self.path.display());
+        }
+    }
+
+    fn published(self) {}
 }
 
 fn apply_blob(
     layer: &LayerBlob,
-    apply: impl FnOnce(
-        BufReader<File>,
-        Compression,
-    ) -> Result<crate::image::unpack::LayerStats, UnpackError>,
-) -> Result<(), RootfsError> {
+    apply: impl FnOnce(BufReader<File>, Compression, Option<&str>) -> Result<LayerStats, UnpackError>,
+) -> Result<LayerStats, RootfsError> {
     let f = File::open(&layer.path).map_err(io("open", &layer.path))?;
     let mut r = BufReader::with_capacity(256 * 1024, f);
     let compression = match Compression::from_media_type(&layer.media_type) {
         Some(c) => c,
         None => Compression::sniff_reader(&mut r).map_err(io("read", &layer.path))?,
     };
-    apply(r, compression)
-        .map(|_| ())
-        .map_err(|source| RootfsError::Unpack {
-            digest: layer.digest.clone(),
-            source,
-        })
+    apply(r, compression, layer.diff_id.as_deref()).map_err(|source| RootfsError::Unpack {
+        digest: layer.digest.clone(),
+        source,
+    })
 }
 
-/// Builds `<state>/rootfs` for this start.
+/// Builds the root filesystem for this start: normally `<state>/rootfs`, an overlay of the cached
+/// layers.
+///
+/// When the cache has no space left to unpack a layer, and `ephemeral_dir` is given, the partial
+/// layer is removed and the whole image is unpacked as a flattened copy into
+/// `<ephemeral_dir>/rootfs` instead (one `notice` line says so); that copy is not kept for later
+/// starts. A flattened copy left there by a previous start is removed first.
 pub fn prepare(
     kernel: &dyn Kernel,
     cache_dir: &Path,
     state_dir: &Path,
     layers: &[LayerBlob],
+    ephemeral_dir: Option<&Path>,
     notice: &dyn Fn(&str),
 ) -> Result<Rootfs, RootfsError> {
     let target = state_dir.join("rootfs");
     clear_previous(kernel, state_dir, &target)?;
+    if let Some(eph) = ephemeral_dir {
+        let old = eph.join("rootfs");
+        if old.exists() {
+            remove_tree(&old)?;
+        }
+    }
     match prepare_overlay(kernel, cache_dir, state_dir, &target, layers) {
         Ok(n) => Ok(Rootfs {
             path: target,
             kind: RootfsKind::Overlay,
             unpacked_layers: n,
         }),
+        Err(OverlayFailure::Unpack(e)) if e.is_no_space() => {
+            let Some(eph) = ephemeral_dir else {
+                return Err(RootfsError::NoSpace(format!(
+                    "the image cache {} is full ({e})",
+                    cache_dir.display()
+                )));
+            };
+            flatten_ephemeral(cache_dir, eph, layers, &e, notice)
+        }
         Err(OverlayFailure::Unpack(e)) => Err(e),
         Err(OverlayFailure::Mount(e)) => {
             notice(&format!(
                 "Cannot mount an overlay root filesystem ({e}); unpacking a full copy instead, which is slower and uses more disk"
             ));
-            flatten(state_dir, &target, layers)
+            flatten(&target, layers)
+        }
+    }
+}
+
+fn flatten_ephemeral(
+    cache_dir: &Path,
+    eph: &Path,
+    layers: &[LayerBlob],
+    cause: &RootfsError,
+    notice: &dyn Fn(&str),
+) -> Result<Rootfs, RootfsError> {
+    std::fs::create_dir_all(eph).map_err(io("create", eph))?;
+    // The compressed size is a lower bound of what the copy needs.
+    let needed: u64 = layers
+        .iter()
+        .filter_map(|l| std::fs::metadata(&l.path).ok())
+        .map(|m| m.len())
+        .sum();
+    let available = rfs::statvfs(eph)
+        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+        .map_err(|e| io("statvfs", eph)(e.into()))?;
+    let mib = |b: u64| b >> 20;
+    if available < needed {
+        return Err(RootfsError::NoSpace(format!(
+            "the image cache {} is full and {} has only {} MiB free, less than the image's {} MiB of compressed layers",
+            cache_dir.display(),
+            eph.display(),
+            mib(available),
+            mib(needed)
+        )));
+    }
+    notice(&format!(
+        "The image cache {} has no space left; unpacking the image into ephemeral storage at {} instead ({} MiB free), which is slower and not kept for the next start",
+        cache_dir.display(),
+        eph.display(),
+        mib(available)
+    ));
+    log::info!("cache unpack failed: {cause}");
+    let target = eph.join("rootfs");
+    match flatten(&target, layers) {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&target);
+            if e.is_no_space() {
+                Err(RootfsError::NoSpace(format!(
+                    "the image cache {} is full, and so is {} ({e})",
+                    cache_dir.display(),
+                    eph.display()
+                )))
+            } else {
+                Err(e)
+            }
         }
     }
 }
@@ -170,12 +461,8 @@ fn prepare_overlay(
     layers: &[LayerBlob],
 ) -> Result<usize, OverlayFailure> {
     let cache = LayerCache::open(cache_dir).map_err(OverlayFailure::Unpack)?;
-    let mut unpacked = 0;
-    for l in layers {
-        if cache.ensure(l).map_err(OverlayFailure::Unpack)? {
-            unpacked += 1;
-        }
-    }
+    let cached = cache.ensure_all(layers).map_err(OverlayFailure::Unpack)?;
+    let unpacked = cached.iter().filter(|c| c.unpacked).count();
     let upper = state_dir.join("upper");
     let work = state_dir.join("work");
     for d in [&upper, &work, &target.to_path_buf()] {
@@ -188,21 +475,14 @@ fn prepare_overlay(
         .map_err(OverlayFailure::Mount)?;
     kernel.chmod(&upper, 0o755).map_err(OverlayFailure::Mount)?;
     // overlayfs lists the uppermost lower directory first.
-    let lowers: Vec<PathBuf> = layers
+    let lowers: Vec<PathBuf> = cached
         .iter()
         .rev()
-        .map(|l| PathBuf::from(layer_dir_name(&l.digest)).join("t"))
+        .map(|c| PathBuf::from(&c.name).join("t"))
         .collect();
     let lower_refs: Vec<&Path> = lowers.iter().map(PathBuf::as_path).collect();
-    mount_relative(
-        kernel,
-        &cache_dir.join("layers"),
-        &lower_refs,
-        &upper,
-        &work,
-        target,
-    )
-    .map_err(OverlayFailure::Mount)?;
+    mount_relative(kernel, cache.dir(), &lower_refs, &upper, &work, target)
+        .map_err(OverlayFailure::Mount)?;
     Ok(unpacked)
 }
 
@@ -242,12 +522,11 @@ fn remove_tree(p: &Path) -> Result<(), RootfsError> {
     std::fs::remove_dir_all(p).map_err(io("remove", p))
 }
 
-fn flatten(state_dir: &Path, target: &Path, layers: &[LayerBlob]) -> Result<Rootfs, RootfsError> {
+fn flatten(target: &Path, layers: &[LayerBlob]) -> Result<Rootfs, RootfsError> {
     let t = Instant::now();
-    let _ = state_dir;
     std::fs::create_dir_all(target).map_err(io("create", target))?;
     for l in layers {
-        apply_blob(l, |r, c| apply_layer(target, r, c, &IdShift::ENVBOX))?;
+        apply_blob(l, |r, c, d| apply_layer(target, r, c, &IdShift::ENVBOX, d))?;
     }
     std::os::unix::fs::chown(target, Some(ID_MAP_HOST_START), Some(ID_MAP_HOST_START))
         .map_err(io("chown", target))?;

@@ -15,7 +15,10 @@
 //!   an fd of the object itself (`fchmod`, `fsetxattr`, `futimens`).
 //! * Hard link targets are resolved the same way (parent `IN_ROOT`, final component
 //!   not followed), so a link to `/etc/shadow` links the image's own `/etc/shadow`,
-//!   and a link to a symlink links the symlink itself.
+//!   and a link to a symlink links the symlink itself. In overlay format a target
+//!   written by a lower layer is looked up through the merged view of the layer
+//!   directories (see [`apply_layer_overlay`]) one `openat(O_NOFOLLOW)` at a time,
+//!   and the lower directories are only ever read.
 //! * Removal (replacements, whiteouts, opaque directories) walks directories by fd
 //!   with `O_NOFOLLOW` and `unlinkat`, so a symlink is removed, never followed.
 //!
@@ -45,7 +48,10 @@
 //!   user namespace; version 2 capabilities are written as they are.
 //! * Whiteouts (`.wh.NAME`) and opaque markers (`.wh..wh..opq`) are applied when met,
 //!   removing everything the layer has not itself written (tracked per layer), so
-//!   their position in the archive does not matter.
+//!   their position in the archive does not matter (except for a hard link of the same
+//!   layer to a whited-out path, which sees the whiteouts applied before it).
+//! * The decompressed stream is checked against the image configuration's diff_id when
+//!   the caller gives one; a mismatch fails the layer after its last byte.
 
 use std::collections::HashSet;
 use std::ffi::CStr;
@@ -57,6 +63,7 @@ use std::sync::mpsc;
 
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, ResolveFlags, Timestamps};
 use rustix::io::Errno;
+use sha2::{Digest as _, Sha256};
 
 /// Size of the buffer file contents are copied through (reused for all entries).
 const COPY_BUFFER: usize = 256 * 1024;
@@ -164,6 +171,9 @@ pub struct LayerStats {
     pub entries: u64,
     /// Bytes of regular file content written.
     pub bytes: u64,
+    /// Hard links resolved through a lower layer (overlay format only): the layer
+    /// directory then depends on the layers it was unpacked on.
+    pub lower_links: u64,
 }
 
 /// Why a layer could not be applied. Entry names are the raw names from the archive.
@@ -198,6 +208,21 @@ pub enum UnpackError {
 
     #[error("layer entry {entry:?}: {reason}")]
     Invalid { entry: String, reason: &'static str },
+
+    #[error(
+        "layer entry {entry:?}: hard link target {target:?} does not exist in this layer or \
+         the layers below it (removed by a whiteout, or never written)"
+    )]
+    MissingLinkTarget { entry: String, target: String },
+
+    #[error(
+        "the layer's uncompressed content does not match the image configuration: \
+         its digest is {actual}, the configuration's diff_id is {expected}"
+    )]
+    DiffIdMismatch { expected: String, actual: String },
+
+    #[error("diff_id {0:?} in the image configuration is not a sha256 digest")]
+    BadDiffId(String),
 }
 
 /// Applies one layer on top of the flattened root filesystem at `root`.
@@ -206,30 +231,67 @@ pub enum UnpackError {
 /// layers left in `root`; see the module documentation for the safety rules.
 ///
 /// The stream is read to its end, so a digest-verifying reader sees every byte and the
-/// gzip/zstd trailer is checked. With more than one CPU available, parsing and file
-/// writes run on a scoped second thread while the calling thread decompresses; no
-/// thread outlives the call. Nothing is fsynced: sync once when every layer is in
-/// place. On error the tree is partly written and should be discarded.
+/// gzip/zstd trailer is checked. With `expected_diff_id` (the image configuration's
+/// `rootfs.diff_ids` entry, `sha256:<hex>`), the decompressed stream is hashed as it is
+/// consumed and a mismatch fails with [`UnpackError::DiffIdMismatch`]. With more than
+/// one CPU available, decompression (and hashing) run on the calling thread while a
+/// scoped second thread parses the archive and writes files; no thread outlives the
+/// call. Nothing is fsynced: sync once when every layer is in place. On error the tree
+/// is partly written and should be discarded.
 pub fn apply_layer(
     root: &Path,
     layer: impl Read,
     compression: Compression,
     shift: &IdShift,
+    expected_diff_id: Option<&str>,
 ) -> Result<LayerStats, UnpackError> {
-    apply(root, layer, compression, shift, Target::Flatten)
+    apply(
+        root,
+        &[],
+        layer,
+        compression,
+        shift,
+        expected_diff_id,
+        Target::Flatten,
+    )
 }
 
 /// Writes one layer as an overlayfs lower directory at `layer_dir` (normally new and
 /// empty): whiteouts become `c 0 0` device nodes, opaque markers become the
-/// `trusted.overlay.opaque=y` xattr on their directory. Nothing outside `layer_dir`
-/// is read or written.
+/// `trusted.overlay.opaque=y` xattr on their directory.
+///
+/// `lowers` are the directories of the layers below, uppermost first, exactly as they
+/// will be stacked under this one. They are only read, to resolve hard links whose
+/// target an earlier layer wrote: the target is looked up through the merged view
+/// (overlayfs rules: the uppermost layer holding a name wins, a `c 0 0` whiteout or an
+/// opaque directory hides everything below it; symlinks in the target's parent
+/// directories are followed within that view, never above its root; the final
+/// component is never followed). Every step is a single-name `openat(O_NOFOLLOW)` from
+/// a directory of one layer, so the lookup cannot leave any layer's directory. The
+/// link is made with `linkat` across the layer directories (lower directories are
+/// immutable, so sharing the inode is what overlayfs would show), or, when that fails
+/// (`EXDEV`, `EMLINK`), by copying the object with its owner, mode, xattrs and times.
+/// [`LayerStats::lower_links`] counts those links: a layer with any depends on its
+/// lowers and must only be reused on top of the same ones.
+///
+/// Nothing outside `layer_dir` is written. `expected_diff_id` as for [`apply_layer`].
 pub fn apply_layer_overlay(
     layer_dir: &Path,
+    lowers: &[&Path],
     layer: impl Read,
     compression: Compression,
     shift: &IdShift,
+    expected_diff_id: Option<&str>,
 ) -> Result<LayerStats, UnpackError> {
-    apply(layer_dir, layer, compression, shift, Target::Overlay)
+    apply(
+        layer_dir,
+        lowers,
+        layer,
+        compression,
+        shift,
+        expected_diff_id,
+        Target::Overlay,
+    )
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -238,35 +300,123 @@ enum Target {
     Overlay,
 }
 
+/// Parses `sha256:<64 hex>`.
+fn parse_diff_id(d: &str) -> Result<[u8; 32], UnpackError> {
+    let bad = || UnpackError::BadDiffId(d.to_string());
+    let hex_part = d.strip_prefix("sha256:").ok_or_else(bad)?;
+    let mut out = [0u8; 32];
+    if hex_part.len() != 64 {
+        return Err(bad());
+    }
+    hex::decode_to_slice(hex_part, &mut out).map_err(|_| bad())?;
+    Ok(out)
+}
+
+/// The decompressed stream, hashed as it is read when a diff_id is to be checked.
+struct Hashing<R> {
+    inner: R,
+    hasher: Option<Sha256>,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl<R> Hashing<R> {
+    fn update(&mut self, bytes: &[u8]) {
+        if let Some(h) = &mut self.hasher {
+            h.update(bytes);
+        }
+    }
+
+    fn new(inner: R, verify: bool) -> Self {
+        Hashing {
+            inner,
+            hasher: verify.then(Sha256::new),
+        }
+    }
+
+    /// Compares what was read with the expected digest.
+    fn check(self, expected: Option<[u8; 32]>) -> Result<(), UnpackError> {
+        let (Some(expected), Some(h)) = (expected, self.hasher) else {
+            return Ok(());
+        };
+        let actual: [u8; 32] = h.finalize().into();
+        if actual == expected {
+            return Ok(());
+        }
+        Err(UnpackError::DiffIdMismatch {
+            expected: format!("sha256:{}", hex::encode(expected)),
+            actual: format!("sha256:{}", hex::encode(actual)),
+        })
+    }
+}
+
 fn apply(
     root: &Path,
+    lowers: &[&Path],
     layer: impl Read,
     compression: Compression,
     shift: &IdShift,
+    expected_diff_id: Option<&str>,
     target: Target,
 ) -> Result<LayerStats, UnpackError> {
-    let root_fd = rfs::open(
-        root,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| UnpackError::OpenRoot {
-        root: root.to_path_buf(),
-        source: e.into(),
-    })?;
-    let mut applier = Applier::new(root_fd.as_fd(), *shift, target);
+    let expected = expected_diff_id.map(parse_diff_id).transpose()?;
+    let open_dir = |p: &Path| {
+        rfs::open(
+            p,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| UnpackError::OpenRoot {
+            root: p.to_path_buf(),
+            source: e.into(),
+        })
+    };
+    let root_fd = open_dir(root)?;
+    let lower_fds = lowers
+        .iter()
+        .map(|p| open_dir(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut applier = Applier::new(root_fd.as_fd(), &lower_fds, *shift, target);
+    let verify = expected.is_some();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cpus < 2 {
+        fn run_one<R: Read>(
+            applier: &mut Applier<'_>,
+            r: R,
+            verify: bool,
+            expected: Option<[u8; 32]>,
+        ) -> Result<LayerStats, UnpackError> {
+            let mut h = Hashing::new(r, verify);
+            let stats = applier.run(&mut h)?;
+            h.check(expected)?;
+            Ok(stats)
+        }
         return match compression {
-            Compression::Gzip => applier.run(flate2::read::MultiGzDecoder::new(layer)),
+            Compression::Gzip => run_one(
+                &mut applier,
+                flate2::read::MultiGzDecoder::new(layer),
+                verify,
+                expected,
+            ),
             Compression::Zstd => match zstd::stream::read::Decoder::new(layer) {
-                Ok(decoder) => applier.run(decoder),
+                Ok(decoder) => run_one(&mut applier, decoder, verify, expected),
                 Err(source) => Err(UnpackError::Read {
                     at: "first entry".into(),
                     source,
                 }),
             },
-            Compression::None => applier.run(io::BufReader::with_capacity(CHUNK_SIZE, layer)),
+            Compression::None => run_one(
+                &mut applier,
+                io::BufReader::with_capacity(CHUNK_SIZE, layer),
+                verify,
+                expected,
+            ),
         };
     }
     // Decompression runs on the calling thread (so `layer` need not be `Send`) while
@@ -275,36 +425,69 @@ fn apply(
     let (chunks_tx, chunks_rx) = mpsc::sync_channel::<io::Result<Chunk>>(CHUNKS_IN_FLIGHT);
     let (spare_tx, spare_rx) = mpsc::sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT + 2);
     std::thread::scope(|scope| {
+        // The diff_id is hashed on whichever thread has time to spare: gzip decompression
+        // is slower than parsing and writing, so the parser hashes the chunks it receives;
+        // zstd and plain tar come faster than they can be written, so the decompressing
+        // thread hashes them.
+        let on_parser = verify && compression == Compression::Gzip;
         let writer = scope.spawn(move || {
-            applier.run(ChunkReader {
+            let mut reader = ChunkReader {
                 chunks: chunks_rx,
                 spare: spare_tx,
                 current: Vec::new(),
                 len: 0,
                 pos: 0,
-            })
+                hasher: Hashing::new((), on_parser),
+            };
+            let stats = applier.run(&mut reader)?;
+            // The parser read the stream to its end, so the whole of it was hashed.
+            reader.hasher.check(expected)?;
+            Ok(stats)
         });
+        let on_producer = verify && !on_parser;
+        fn produce_hashed<R: Read>(
+            r: R,
+            verify: bool,
+            out: &mpsc::SyncSender<io::Result<Chunk>>,
+            spare: &mpsc::Receiver<Vec<u8>>,
+        ) -> io::Result<Hashing<R>> {
+            let mut h = Hashing::new(r, verify);
+            produce(&mut h, out, spare)?;
+            Ok(h)
+        }
         let produced = match compression {
-            Compression::Gzip => produce(
+            Compression::Gzip => produce_hashed(
                 flate2::read::MultiGzDecoder::new(layer),
+                on_producer,
                 &chunks_tx,
                 &spare_rx,
-            ),
+            )
+            .map(|h| h.check(expected)),
             Compression::Zstd => match zstd::stream::read::Decoder::new(layer) {
-                Ok(decoder) => produce(decoder, &chunks_tx, &spare_rx),
+                Ok(decoder) => produce_hashed(decoder, on_producer, &chunks_tx, &spare_rx)
+                    .map(|h| h.check(expected)),
                 Err(e) => Err(e),
             },
-            Compression::None => produce(layer, &chunks_tx, &spare_rx),
+            Compression::None => {
+                produce_hashed(layer, on_producer, &chunks_tx, &spare_rx).map(|h| h.check(expected))
+            }
         };
-        if let Err(e) = produced {
-            // Hand the error to the parser, which names the entry it was reading.
-            let _ = chunks_tx.send(Err(e));
-        }
+        let checked = match produced {
+            Ok(checked) => checked,
+            Err(e) => {
+                // Hand the error to the parser, which names the entry it was reading.
+                let _ = chunks_tx.send(Err(e));
+                Ok(())
+            }
+        };
         drop(chunks_tx);
-        match writer.join() {
-            Ok(result) => result,
+        let stats = match writer.join() {
+            Ok(result) => result?,
             Err(panic) => std::panic::resume_unwind(panic),
-        }
+        };
+        // The parser read the stream to its end, so the producer hashed all of it.
+        checked?;
+        Ok(stats)
     })
 }
 
@@ -319,7 +502,7 @@ const CHUNKS_IN_FLIGHT: usize = 4;
 /// Reads `src` to its end in chunks, reusing the buffers the reader hands back. Stops
 /// quietly when the reader is gone (it failed and reports its own error).
 fn produce<R: Read>(
-    mut src: R,
+    src: &mut R,
     out: &mpsc::SyncSender<io::Result<Chunk>>,
     spare: &mpsc::Receiver<Vec<u8>>,
 ) -> io::Result<()> {
@@ -350,6 +533,7 @@ struct ChunkReader {
     current: Vec<u8>,
     len: usize,
     pos: usize,
+    hasher: Hashing<()>,
 }
 
 impl Read for ChunkReader {
@@ -357,6 +541,7 @@ impl Read for ChunkReader {
         while self.pos == self.len {
             match self.chunks.recv() {
                 Ok(Ok((buf, len))) => {
+                    self.hasher.update(&buf[..len]);
                     let old = std::mem::replace(&mut self.current, buf);
                     if !old.is_empty() {
                         let _ = self.spare.try_send(old);
@@ -390,6 +575,24 @@ impl Parent {
     }
 }
 
+/// A hard link target found through the merged view of the layers.
+struct Found {
+    /// 0: this layer; `i`: the `i`th lower, uppermost first.
+    layer: usize,
+    /// The target's directory in that layer (None: the layer's root).
+    parent: Option<OwnedFd>,
+    name: Vec<u8>,
+    st: rfs::Stat,
+    /// Whether a lower layer decided the result (the target, or a symlink on the way).
+    used_lower: bool,
+}
+
+enum LookupError {
+    Missing,
+    Directory,
+    Io(io::Error),
+}
+
 /// Entry metadata, shifted and ready to apply.
 struct Meta {
     uid: u32,
@@ -410,6 +613,8 @@ enum Kind {
 
 struct Applier<'r> {
     root: BorrowedFd<'r>,
+    /// Directories of the layers below (overlay format), uppermost first.
+    lowers: &'r [OwnedFd],
     shift: IdShift,
     target: Target,
     /// Paths this layer wrote, and all their ancestors: what whiteouts and opaque
@@ -617,9 +822,10 @@ fn parse_pax_time(value: &[u8]) -> Option<rfs::Timespec> {
 }
 
 impl<'r> Applier<'r> {
-    fn new(root: BorrowedFd<'r>, shift: IdShift, target: Target) -> Self {
+    fn new(root: BorrowedFd<'r>, lowers: &'r [OwnedFd], shift: IdShift, target: Target) -> Self {
         Applier {
             root,
+            lowers,
             shift,
             target,
             written: HashSet::new(),
@@ -1097,14 +1303,20 @@ impl<'r> Applier<'r> {
             );
             return Ok(());
         }
+        if self.target == Target::Overlay {
+            return self.create_overlay_hardlink(parent, name, &target);
+        }
         let (tparent, tname) = split_parent(&target);
         let tparent_fd = if tparent.is_empty() {
             None
         } else {
-            Some(
-                open_in_root(self.root, tparent, OFlags::PATH | OFlags::DIRECTORY)
-                    .map_err(self.io_err("resolve hard link target directory"))?,
-            )
+            match open_in_root(self.root, tparent, OFlags::PATH | OFlags::DIRECTORY) {
+                Ok(fd) => Some(fd),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    return Err(self.missing_link_target(&target));
+                }
+                Err(e) => return Err(self.io_err("resolve hard link target directory")(e)),
+            }
         };
         let tdir = tparent_fd.as_ref().map_or(self.root, |f| f.as_fd());
         // flags 0: a symlink as the target is linked itself, never followed.
@@ -1113,7 +1325,362 @@ impl<'r> Applier<'r> {
             self.remove_existing(parent, name)?;
             r = rfs::linkat(tdir, tname, parent, name, AtFlags::empty());
         }
-        r.map_err(|e| self.io_err("create hard link")(e.into()))
+        match r {
+            Ok(()) => Ok(()),
+            Err(Errno::NOENT) => Err(self.missing_link_target(&target)),
+            Err(e) => Err(self.io_err("create hard link")(e.into())),
+        }
+    }
+
+    fn missing_link_target(&self, target: &[u8]) -> UnpackError {
+        UnpackError::MissingLinkTarget {
+            entry: self.entry_name(),
+            target: lossy(target),
+        }
+    }
+
+    /// The directory fd of layer `i` of the merged view: 0 is this layer.
+    fn layer_root(&self, i: usize) -> BorrowedFd<'r> {
+        let lowers: &'r [OwnedFd] = self.lowers;
+        if i == 0 {
+            self.root
+        } else {
+            lowers[i - 1].as_fd()
+        }
+    }
+
+    /// The fast path of [`lookup_merged`](Self::lookup_merged): `path` resolved inside
+    /// this layer alone. When every component is found here, the merged view finds the
+    /// same (the uppermost layer wins at each step), so the result is that, or `None`
+    /// when this layer does not have the path.
+    fn lookup_own(&self, path: &[u8]) -> Option<Result<Found, LookupError>> {
+        let (tparent, tname) = split_parent(path);
+        let parent = if tparent.is_empty() {
+            None
+        } else {
+            match open_in_root(self.root, tparent, OFlags::PATH | OFlags::DIRECTORY) {
+                Ok(fd) => Some(fd),
+                Err(_) => return None,
+            }
+        };
+        let dfd = parent.as_ref().map_or(self.root, |f| f.as_fd());
+        let st = match rfs::statat(dfd, tname, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(_) => return None,
+        };
+        let ft = FileType::from_raw_mode(st.st_mode);
+        Some(if ft == FileType::CharacterDevice && st.st_rdev == 0 {
+            Err(LookupError::Missing)
+        } else if ft == FileType::Directory {
+            Err(LookupError::Directory)
+        } else {
+            Ok(Found {
+                layer: 0,
+                parent,
+                name: tname.to_vec(),
+                st,
+                used_lower: false,
+            })
+        })
+    }
+
+    /// Looks `path` (normalised) up through the merged view of this layer over its
+    /// lowers, as overlayfs would, without following the final component.
+    fn lookup_merged(&self, path: &[u8]) -> Result<Found, LookupError> {
+        /// Symlinks followed in one lookup before giving up, as the kernel's limit.
+        const MAX_SYMLINKS: u32 = 40;
+        // Components still to walk, last first.
+        let mut remaining: Vec<Vec<u8>> = path
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty())
+            .rev()
+            .map(<[u8]>::to_vec)
+            .collect();
+        // The merged directory at each level of the walk: the layers that hold it,
+        // uppermost first, with their directory (None: the layer's root).
+        let root_stack: Vec<(usize, Option<OwnedFd>)> =
+            (0..=self.lowers.len()).map(|i| (i, None)).collect();
+        let mut levels = vec![root_stack];
+        let mut symlinks = 0;
+        let mut used_lower = false;
+        while let Some(comp) = remaining.pop() {
+            match &comp[..] {
+                b"." => continue,
+                b".." => {
+                    if levels.len() > 1 {
+                        levels.pop();
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            let last = remaining.is_empty();
+            let dir = levels.last().expect("the root level is never popped");
+            let mut found: Option<(usize, rfs::Stat)> = None;
+            let mut below: Vec<(usize, Option<OwnedFd>)> = Vec::new();
+            for (layer, fd) in dir {
+                let dfd = fd.as_ref().map_or(self.layer_root(*layer), |f| f.as_fd());
+                let st = match rfs::statat(dfd, &comp[..], AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(st) => st,
+                    Err(Errno::NOENT) => continue,
+                    Err(e) => return Err(LookupError::Io(e.into())),
+                };
+                let ft = FileType::from_raw_mode(st.st_mode);
+                if ft == FileType::CharacterDevice && st.st_rdev == 0 {
+                    // Whiteout: hides this name in every layer below.
+                    break;
+                }
+                if ft != FileType::Directory {
+                    if below.is_empty() {
+                        found = Some((*layer, st));
+                    }
+                    // A non-directory ends the merge (a directory above hides it).
+                    break;
+                }
+                let child = rfs::openat(
+                    dfd,
+                    &comp[..],
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| LookupError::Io(e.into()))?;
+                let mut v = [0u8; 4];
+                let opaque = matches!(
+                    rfs::fgetxattr(&child, OVERLAY_OPAQUE_XATTR, &mut v[..]),
+                    Ok(1) if v[0] == b'y'
+                );
+                below.push((*layer, Some(child)));
+                if opaque {
+                    break;
+                }
+            }
+            if !below.is_empty() {
+                if last {
+                    return Err(LookupError::Directory);
+                }
+                if below[0].0 > 0 {
+                    used_lower = true;
+                }
+                levels.push(below);
+                continue;
+            }
+            let Some((layer, st)) = found else {
+                return Err(LookupError::Missing);
+            };
+            used_lower |= layer > 0;
+            let is_symlink = FileType::from_raw_mode(st.st_mode) == FileType::Symlink;
+            if last {
+                let mut dir = levels.pop().expect("the root level is never popped");
+                let idx = dir
+                    .iter()
+                    .position(|(l, _)| *l == layer)
+                    .expect("found in one of the directory's layers");
+                let (_, parent) = dir.swap_remove(idx);
+                return Ok(Found {
+                    layer,
+                    parent,
+                    name: comp,
+                    st,
+                    used_lower,
+                });
+            }
+            if !is_symlink {
+                return Err(LookupError::Io(Errno::NOTDIR.into()));
+            }
+            symlinks += 1;
+            if symlinks > MAX_SYMLINKS {
+                return Err(LookupError::Io(Errno::LOOP.into()));
+            }
+            let (_, fd) = dir
+                .iter()
+                .find(|(l, _)| *l == layer)
+                .expect("found in one of the directory's layers");
+            let dfd = fd.as_ref().map_or(self.layer_root(layer), |f| f.as_fd());
+            let link = rfs::readlinkat(dfd, &comp[..], Vec::new())
+                .map_err(|e| LookupError::Io(e.into()))?;
+            let link = link.as_bytes();
+            if link.starts_with(b"/") {
+                // Absolute links resolve from the merged root, as inside the container.
+                levels.truncate(1);
+            }
+            remaining.extend(
+                link.split(|&b| b == b'/')
+                    .filter(|c| !c.is_empty())
+                    .rev()
+                    .map(<[u8]>::to_vec),
+            );
+        }
+        // Only `.` and `..` components: the root itself.
+        Err(LookupError::Directory)
+    }
+
+    /// A hard link in overlay format: the target may be in this layer or a lower one.
+    fn create_overlay_hardlink(
+        &mut self,
+        parent: BorrowedFd<'_>,
+        name: &[u8],
+        target: &[u8],
+    ) -> Result<(), UnpackError> {
+        let found = match self.lookup_own(target) {
+            Some(Ok(f)) => Ok(f),
+            Some(Err(e)) => Err(e),
+            None => self.lookup_merged(target),
+        };
+        let found = match found {
+            Ok(f) => f,
+            Err(LookupError::Missing) => return Err(self.missing_link_target(target)),
+            Err(LookupError::Directory) => {
+                return Err(self.invalid("hard link to a directory"));
+            }
+            Err(LookupError::Io(e)) => {
+                return Err(self.io_err("resolve hard link target")(e));
+            }
+        };
+        let tdir = found
+            .parent
+            .as_ref()
+            .map_or(self.layer_root(found.layer), |f| f.as_fd());
+        let tname = &found.name[..];
+        // flags 0: a symlink as the target is linked itself, never followed.
+        let mut r = rfs::linkat(tdir, tname, parent, name, AtFlags::empty());
+        if r == Err(Errno::EXIST) {
+            self.remove_existing(parent, name)?;
+            r = rfs::linkat(tdir, tname, parent, name, AtFlags::empty());
+        }
+        match r {
+            Ok(()) => {}
+            Err(Errno::XDEV | Errno::MLINK) if found.layer > 0 => {
+                log::debug!(
+                    "layer entry {:?}: cannot hard-link across layers, copying the target",
+                    self.entry_name()
+                );
+                self.copy_object(tdir, tname, &found.st, parent, name)?;
+            }
+            Err(e) => return Err(self.io_err("create hard link")(e.into())),
+        }
+        if found.used_lower {
+            self.stats.lower_links += 1;
+        }
+        Ok(())
+    }
+
+    /// Copies the object `sname` in `sdir` (of another layer, already uid-shifted) to
+    /// `name` in `parent`, with owner, mode, xattrs and times.
+    fn copy_object(
+        &mut self,
+        sdir: BorrowedFd<'_>,
+        sname: &[u8],
+        st: &rfs::Stat,
+        parent: BorrowedFd<'_>,
+        name: &[u8],
+    ) -> Result<(), UnpackError> {
+        let ft = FileType::from_raw_mode(st.st_mode);
+        let mode = st.st_mode & 0o7777;
+        let times = Timestamps {
+            last_access: rfs::Timespec {
+                tv_sec: st.st_atime as _,
+                tv_nsec: st.st_atime_nsec as _,
+            },
+            last_modification: rfs::Timespec {
+                tv_sec: st.st_mtime as _,
+                tv_nsec: st.st_mtime_nsec as _,
+            },
+        };
+        let meta = Meta {
+            uid: st.st_uid,
+            gid: st.st_gid,
+            mode,
+            times,
+        };
+        match ft {
+            FileType::RegularFile => {
+                let src = rfs::openat(
+                    sdir,
+                    sname,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| self.io_err("open hard link target to copy")(e.into()))?;
+                let flags = OFlags::WRONLY
+                    | OFlags::CREATE
+                    | OFlags::EXCL
+                    | OFlags::NOFOLLOW
+                    | OFlags::CLOEXEC
+                    | OFlags::NOCTTY;
+                let dst = rfs::openat(parent, name, flags, Mode::from_raw_mode(0o600))
+                    .map_err(|e| self.io_err("create copy of hard link target")(e.into()))?;
+                let mut src = File::from(src);
+                let mut dst = File::from(dst);
+                let n =
+                    io::copy(&mut src, &mut dst).map_err(self.io_err("copy hard link target"))?;
+                self.stats.bytes += n;
+                rfs::fchown(
+                    &dst,
+                    Some(rfs::Uid::from_raw(meta.uid)),
+                    Some(rfs::Gid::from_raw(meta.gid)),
+                )
+                .map_err(|e| self.io_err("chown")(e.into()))?;
+                rfs::fchmod(&dst, Mode::from_raw_mode(mode))
+                    .map_err(|e| self.io_err("chmod")(e.into()))?;
+                self.copy_xattrs(src.as_fd(), dst.as_fd())?;
+                rfs::futimens(&dst, &meta.times).map_err(|e| self.io_err("set times")(e.into()))?;
+                Ok(())
+            }
+            FileType::Symlink => {
+                let link = rfs::readlinkat(sdir, sname, Vec::new())
+                    .map_err(|e| self.io_err("read hard link target")(e.into()))?;
+                rfs::symlinkat(link.as_c_str(), parent, name)
+                    .map_err(|e| self.io_err("create symlink")(e.into()))?;
+                self.chown_nofollow(parent, name, &meta)?;
+                rfs::utimensat(parent, name, &meta.times, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| self.io_err("set symlink times")(e.into()))
+            }
+            FileType::CharacterDevice | FileType::BlockDevice | FileType::Fifo => {
+                rfs::mknodat(
+                    parent,
+                    name,
+                    ft,
+                    Mode::from_raw_mode(mode & 0o777),
+                    st.st_rdev,
+                )
+                .map_err(|e| self.io_err("create special file")(e.into()))?;
+                self.chown_nofollow(parent, name, &meta)?;
+                chmod_special(parent, name, mode).map_err(self.io_err("chmod special file"))?;
+                rfs::utimensat(parent, name, &meta.times, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| self.io_err("set times")(e.into()))
+            }
+            _ => Err(self.invalid("hard link target is neither a file, a symlink nor a device")),
+        }
+    }
+
+    /// Copies the extended attributes of a file being copied from a lower layer
+    /// (they were filtered and shifted when that layer was unpacked).
+    fn copy_xattrs(&self, src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> Result<(), UnpackError> {
+        let mut names = vec![0u8; 64 * 1024];
+        let n = match rfs::flistxattr(src, &mut names[..]) {
+            Ok(n) => n,
+            Err(Errno::NOTSUP) => return Ok(()),
+            Err(e) => return Err(self.io_err("list xattrs")(e.into())),
+        };
+        let mut value = vec![0u8; 64 * 1024];
+        for xname in names[..n].split(|&b| b == 0).filter(|x| !x.is_empty()) {
+            let len = match rfs::fgetxattr(src, xname, &mut value[..]) {
+                Ok(len) => len,
+                Err(Errno::NODATA) => continue,
+                Err(e) => return Err(self.io_err("read xattr")(e.into())),
+            };
+            match rfs::fsetxattr(dst, xname, &value[..len], rfs::XattrFlags::empty()) {
+                Ok(()) => {}
+                Err(e @ (Errno::NOTSUP | Errno::PERM)) => log::warn!(
+                    "layer entry {:?}: xattr {:?} not copied: {}",
+                    self.entry_name(),
+                    lossy(xname),
+                    io::Error::from(e)
+                ),
+                Err(e) => return Err(self.io_err("set xattr")(e.into())),
+            }
+        }
+        Ok(())
     }
 
     fn create_special<R: Read>(
@@ -1570,7 +2137,7 @@ mod tests {
         }
 
         fn apply(&self, layer: Vec<u8>) -> Result<LayerStats, UnpackError> {
-            apply_layer(&self.root, &layer[..], Compression::None, &SHIFT)
+            apply_layer(&self.root, &layer[..], Compression::None, &SHIFT, None)
         }
 
         fn p(&self, rel: &str) -> PathBuf {
@@ -2223,21 +2790,21 @@ mod tests {
         }
         assert_eq!(Compression::sniff(&gz), Compression::Gzip);
         let s = Scene::new();
-        apply_layer(&s.root, &gz[..], Compression::Gzip, &SHIFT).unwrap();
+        apply_layer(&s.root, &gz[..], Compression::Gzip, &SHIFT, None).unwrap();
         assert_eq!(fs::read(s.p("d/one")).unwrap(), b"first member");
 
         let mut l = Layer::new();
         l.file("d/two", b"zstd");
         let zst = zstd::stream::encode_all(&l.finish()[..], 3).unwrap();
         assert_eq!(Compression::sniff(&zst), Compression::Zstd);
-        apply_layer(&s.root, &zst[..], Compression::Zstd, &SHIFT).unwrap();
+        apply_layer(&s.root, &zst[..], Compression::Zstd, &SHIFT, None).unwrap();
         assert_eq!(fs::read(s.p("d/two")).unwrap(), b"zstd");
 
         // A corrupt gzip trailer fails even though every entry was read.
         let mut bad = gz.clone();
         let n = bad.len();
         bad[n - 6] ^= 0xff;
-        assert!(apply_layer(&s.root, &bad[..], Compression::Gzip, &SHIFT).is_err());
+        assert!(apply_layer(&s.root, &bad[..], Compression::Gzip, &SHIFT, None).is_err());
     }
 
     #[test]
@@ -2298,7 +2865,7 @@ mod tests {
         l.file("mine", b"m");
         l.file(".wh.mine", b"");
         let layer = l.finish();
-        apply_layer_overlay(&s.root, &layer[..], Compression::None, &SHIFT).unwrap();
+        apply_layer_overlay(&s.root, &[], &layer[..], Compression::None, &SHIFT, None).unwrap();
         assert_eq!(
             getxattr(&s.p("d"), "trusted.overlay.opaque").as_deref(),
             Some(&b"y"[..])
@@ -2308,6 +2875,282 @@ mod tests {
         assert_eq!(wh.rdev(), 0);
         assert!(lmeta(&s.p("mine")).is_file());
         assert_eq!(names(&s.p("d")), ["new"]);
+    }
+
+    /// Layer directories side by side, unpacked in overlay format, base first.
+    struct Stack {
+        tmp: tempfile::TempDir,
+        dirs: Vec<PathBuf>,
+    }
+
+    impl Stack {
+        fn new() -> Self {
+            Stack {
+                tmp: tempfile::tempdir().unwrap(),
+                dirs: Vec::new(),
+            }
+        }
+
+        /// Unpacks `layer` into a new layer directory on top of the others.
+        fn push(&mut self, layer: Vec<u8>) -> Result<LayerStats, UnpackError> {
+            let dir = self.tmp.path().join(format!("l{}", self.dirs.len()));
+            fs::create_dir(&dir).unwrap();
+            let r = self.push_into(&dir, layer);
+            self.dirs.push(dir);
+            r
+        }
+
+        fn push_into(&self, dir: &Path, layer: Vec<u8>) -> Result<LayerStats, UnpackError> {
+            let lowers: Vec<&Path> = self.dirs.iter().rev().map(PathBuf::as_path).collect();
+            apply_layer_overlay(dir, &lowers, &layer[..], Compression::None, &SHIFT, None)
+        }
+
+        fn top(&self) -> &Path {
+            self.dirs.last().unwrap()
+        }
+    }
+
+    #[test]
+    fn overlay_hardlink_to_lower_layers() {
+        let mut st = Stack::new();
+        let mut l = Layer::new();
+        l.dir("usr");
+        l.dir("usr/bin");
+        l.file_owned("usr/bin/busybox", b"#!busybox", 0o4755, 0, 0);
+        l.file("usr/bin/other", b"o");
+        st.push(l.finish()).unwrap();
+        let mut l = Layer::new();
+        l.symlink("bin", "usr/bin");
+        l.file("mid", b"m");
+        st.push(l.finish()).unwrap();
+        let mut l = Layer::new();
+        l.hardlink("sh", "usr/bin/busybox");
+        // Through a symlink of the middle layer to a file of the base.
+        l.hardlink("ls", "/bin/busybox");
+        l.hardlink("mid2", "mid");
+        // The layer's own file: an ordinary link.
+        l.file("own", b"own");
+        l.hardlink("own2", "own");
+        // A hard link to a symlink of a lower layer links the symlink itself.
+        l.hardlink("binlink", "bin");
+        let stats = st.push(l.finish()).unwrap();
+        assert_eq!(stats.lower_links, 4);
+        let base = lmeta(&st.dirs[0].join("usr/bin/busybox"));
+        for name in ["sh", "ls"] {
+            let m = lmeta(&st.top().join(name));
+            assert_eq!(m.ino(), base.ino(), "{name}");
+            assert_eq!(fs::read(st.top().join(name)).unwrap(), b"#!busybox");
+            assert_eq!(m.mode() & 0o7777, 0o4755);
+        }
+        assert_eq!(
+            lmeta(&st.top().join("mid2")).ino(),
+            lmeta(&st.dirs[1].join("mid")).ino()
+        );
+        assert_eq!(
+            lmeta(&st.top().join("own2")).ino(),
+            lmeta(&st.top().join("own")).ino()
+        );
+        assert!(lmeta(&st.top().join("binlink")).file_type().is_symlink());
+        // Nothing was created in the lower layers.
+        assert_eq!(names(&st.dirs[0]), ["usr"]);
+        assert_eq!(names(&st.dirs[1]), ["bin", "mid"]);
+    }
+
+    #[test]
+    fn overlay_hardlink_honours_whiteouts_and_opaque_dirs() {
+        let mut st = Stack::new();
+        let mut l = Layer::new();
+        l.dir("etc");
+        l.file("etc/gone", b"g");
+        l.file("etc/kept", b"k");
+        l.dir("opq");
+        l.file("opq/hidden", b"h");
+        l.file("replaced", b"file");
+        st.push(l.finish()).unwrap();
+        let mut l = Layer::new();
+        l.file("etc/.wh.gone", b"");
+        l.dir("opq");
+        l.file("opq/.wh..wh..opq", b"");
+        l.file("opq/visible", b"v");
+        l.dir("replaced");
+        st.push(l.finish()).unwrap();
+
+        for (name, target) in [
+            ("link-to-gone", "etc/gone"),
+            ("link-to-hidden", "opq/hidden"),
+            ("link-below-dir", "replaced"),
+            ("link-missing", "nowhere/at/all"),
+        ] {
+            let mut l = Layer::new();
+            l.hardlink(name, target);
+            let top = st.tmp.path().join(format!("t-{name}"));
+            fs::create_dir(&top).unwrap();
+            match st.push_into(&top, l.finish()) {
+                Err(e @ UnpackError::MissingLinkTarget { .. }) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(name) && msg.contains(target), "{msg}");
+                }
+                Err(UnpackError::Invalid { entry, .. }) if name == "link-below-dir" => {
+                    assert_eq!(entry, name);
+                }
+                other => panic!("{name}: expected an error, got {other:?}"),
+            }
+        }
+        let mut l = Layer::new();
+        l.hardlink("a", "etc/kept");
+        l.hardlink("b", "opq/visible");
+        let stats = st.push(l.finish()).unwrap();
+        assert_eq!(stats.lower_links, 2);
+        assert_eq!(fs::read(st.top().join("a")).unwrap(), b"k");
+        assert_eq!(fs::read(st.top().join("b")).unwrap(), b"v");
+
+        // This layer's own whiteout hides the lower file too.
+        let mut l = Layer::new();
+        l.file(".wh.a", b"");
+        l.hardlink("c", "a");
+        let top = st.tmp.path().join("own-whiteout");
+        fs::create_dir(&top).unwrap();
+        assert!(matches!(
+            st.push_into(&top, l.finish()),
+            Err(UnpackError::MissingLinkTarget { .. })
+        ));
+    }
+
+    #[test]
+    fn overlay_hardlink_symlinks_in_lowers_stay_inside() {
+        let scene = Scene::new();
+        let before = snapshot(&scene.canary);
+        let mut st = Stack::new();
+        let mut l = Layer::new();
+        l.symlink("evil", "/");
+        l.symlink("up", "../../../../../../..");
+        l.symlink("abs", &scene.canary_abs());
+        l.symlink("loop1", "loop2");
+        l.symlink("loop2", "loop1");
+        st.push(l.finish()).unwrap();
+        let canary = scene.canary_rel();
+        for (name, target) in [
+            ("h1", format!("evil/{canary}/file")),
+            ("h2", format!("up/{canary}/file")),
+            ("h3", "abs/file".to_string()),
+            ("h4", "loop1/x".to_string()),
+        ] {
+            let mut l = Layer::new();
+            l.hardlink(name, &target);
+            let top = st.tmp.path().join(format!("t-{name}"));
+            fs::create_dir(&top).unwrap();
+            let err = st.push_into(&top, l.finish()).unwrap_err();
+            assert!(err.to_string().contains(name), "{err}");
+            assert!(!top.join(name).exists());
+        }
+        assert_eq!(before, snapshot(&scene.canary));
+    }
+
+    /// Mounts a small tmpfs at `dir` for the test's duration (None when not permitted).
+    struct TmpfsMount(PathBuf);
+
+    impl TmpfsMount {
+        fn new(dir: &Path, size: &str) -> Option<Self> {
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            ok.then(|| TmpfsMount(dir.to_path_buf()))
+        }
+    }
+
+    impl Drop for TmpfsMount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+
+    #[test]
+    fn overlay_hardlink_copies_across_file_systems() {
+        let mut st = Stack::new();
+        let cap = cap_v2();
+        let mut l = Layer::new();
+        l.dir("bin");
+        l.pax(&[("SCHILY.xattr.security.capability", &cap[..])]);
+        l.file_owned("bin/ping", b"ping binary", 0o4750, 0, 7);
+        l.symlink("bin/sl", "ping");
+        l.device("bin/fifo", EntryType::Fifo, 0, 0, 0o640);
+        st.push(l.finish()).unwrap();
+        let top = st.tmp.path().join("other-fs");
+        fs::create_dir(&top).unwrap();
+        let Some(_mount) = TmpfsMount::new(&top, "4m") else {
+            eprintln!("skipped: cannot mount tmpfs");
+            return;
+        };
+        let mut l = Layer::new();
+        l.hardlink("ping2", "bin/ping");
+        l.hardlink("sl2", "bin/sl");
+        l.hardlink("fifo2", "bin/fifo");
+        let stats = st.push_into(&top, l.finish()).unwrap();
+        assert_eq!(stats.lower_links, 3);
+        let src = lmeta(&st.dirs[0].join("bin/ping"));
+        let copy = lmeta(&top.join("ping2"));
+        assert_ne!(copy.dev(), src.dev());
+        assert_eq!(fs::read(top.join("ping2")).unwrap(), b"ping binary");
+        assert_eq!(copy.mode() & 0o7777, 0o4750);
+        assert_eq!((copy.uid(), copy.gid()), (100_000, 100_007));
+        assert_eq!(copy.mtime(), src.mtime());
+        assert_eq!(
+            getxattr(&top.join("ping2"), "security.capability").as_deref(),
+            Some(&cap[..])
+        );
+        assert_eq!(fs::read_link(top.join("sl2")).unwrap(), Path::new("ping"));
+        assert_eq!(lmeta(&top.join("sl2")).uid(), 100_000);
+        let fifo = lmeta(&top.join("fifo2"));
+        assert!(fifo.file_type().is_fifo());
+        assert_eq!(fifo.mode() & 0o7777, 0o640);
+    }
+
+    fn sha256_hex(b: &[u8]) -> String {
+        format!("sha256:{}", hex::encode(Sha256::digest(b)))
+    }
+
+    #[test]
+    fn diff_id_is_verified() {
+        let mut l = Layer::new();
+        l.file("a", &[5u8; 300_000]);
+        let tar = l.finish();
+        let good = sha256_hex(&tar);
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&tar).unwrap();
+        let gz = e.finish().unwrap();
+        let zst = zstd::stream::encode_all(&tar[..], 1).unwrap();
+        for (blob, c) in [
+            (&tar, Compression::None),
+            (&gz, Compression::Gzip),
+            (&zst, Compression::Zstd),
+        ] {
+            let s = Scene::new();
+            apply_layer(&s.root, &blob[..], c, &SHIFT, Some(&good)).unwrap();
+            assert_eq!(fs::read(s.p("a")).unwrap().len(), 300_000);
+            let wrong = sha256_hex(b"something else");
+            let s = Scene::new();
+            match apply_layer(&s.root, &blob[..], c, &SHIFT, Some(&wrong)) {
+                Err(e @ UnpackError::DiffIdMismatch { .. }) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(&wrong) && msg.contains(&good), "{msg}");
+                }
+                other => panic!("{c:?}: expected DiffIdMismatch, got {other:?}"),
+            }
+            let s = Scene::new();
+            let r = apply_layer_overlay(&s.root, &[], &blob[..], c, &SHIFT, Some(&wrong));
+            assert!(matches!(r, Err(UnpackError::DiffIdMismatch { .. })));
+        }
+        let s = Scene::new();
+        for bad in ["sha512:abcd", "sha256:xyz", "sha256:", "deadbeef"] {
+            assert!(matches!(
+                apply_layer(&s.root, &tar[..], Compression::None, &SHIFT, Some(bad)),
+                Err(UnpackError::BadDiffId(_))
+            ));
+        }
+        assert!(!s.p("a").exists(), "a bad diff_id fails before writing");
     }
 
     #[test]

@@ -641,3 +641,30 @@ pub fn teardown_with(
 
 #[cfg(test)]
 mod tests;
+
+/// envbox runs iptables through its supervisor, which owns `waitpid` as PID 1.
+impl CommandRunner for crate::pid1::supervisor::Supervisor {
+    fn run(&self, argv: &[&str]) -> Result<String, String> {
+        let (prog, args) = argv.split_first().ok_or("empty command")?;
+        let mut cmd = std::process::Command::new(prog);
+        cmd.args(args);
+        let out = self
+            .output(
+                "iptables",
+                &mut cmd,
+                b"",
+                std::time::Duration::from_secs(30),
+            )
+            .map_err(|e| format!("{}: {e}", argv.join(" ")))?;
+        if out.exit.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "`{}` failed ({}): {}",
+                argv.join(" "),
+                out.exit,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+}

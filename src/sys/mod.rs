@@ -87,3 +87,27 @@ pub fn fs_kind(path: &Path) -> Option<FsKind> {
         _ => FsKind::Other,
     })
 }
+
+/// `syncfs` on the file system of each path (once per file system): the volumes the workspace wrote
+/// to, without waiting for unrelated writers on the node as a global `sync` would.
+pub fn sync_filesystems(paths: &[&Path]) {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = Vec::new();
+    for p in paths {
+        let Ok(md) = std::fs::metadata(p) else {
+            continue;
+        };
+        if seen.contains(&md.dev()) {
+            continue;
+        }
+        seen.push(md.dev());
+        match std::fs::File::open(p) {
+            Ok(f) => {
+                if let Err(e) = rustix::fs::syncfs(&f) {
+                    log::warn!("syncing the file system of {}: {e}", p.display());
+                }
+            }
+            Err(e) => log::warn!("syncing the file system of {}: {e}", p.display()),
+        }
+    }
+}

@@ -133,16 +133,49 @@ pod_write_init() {
   } >"$init"
 }
 
-# Host mountpoints the pod's volumes need; made only when missing and recorded so pod_destroy removes them.
+# Host mountpoints (e.g. /var/lib/coder) are shared by every pod on the machine, including pods of other
+# harness runs: a pod's private mount namespace still needs the directory to exist on the host. The first
+# pod that needs a missing one creates it; the last pod to leave removes it. Users are tracked under
+# POD_MOUNTPOINT_DIR, serialised with flock.
+POD_MOUNTPOINT_DIR=/run/envbox-test-mountpoints
+
 pod_make_mountpoints() {
-  local vol dst IFS=,
+  local vol dst key IFS=,
+  mkdir -p "$POD_MOUNTPOINT_DIR"
   for vol in $POD_VOLUMES; do
     dst=${vol#*:}
-    if [[ ! -e $dst ]]; then
-      mkdir -p "$dst"
-      echo "$dst" >>"$POD_SLOT_DIR/created-mountpoints"
-    fi
+    key=$POD_MOUNTPOINT_DIR/${dst//\//_}
+    (
+      flock 9
+      if [[ ! -e $dst ]]; then
+        mkdir -p "$dst"
+        echo "$dst" >"$key.created"
+      fi
+      # A mountpoint that existed before any pod is the machine's; it is never recorded nor removed.
+      if [[ -f $key.created ]]; then
+        mkdir -p "$key.users"
+        touch "$key.users/$POD_NS"
+        echo "$dst" >>"$POD_SLOT_DIR/mountpoints"
+      fi
+    ) 9>"$POD_MOUNTPOINT_DIR/.lock"
   done
+}
+
+# Drops this pod's claim on the mountpoints it used; removes those no other pod uses any more.
+pod_release_mountpoints() {
+  local slot=$1 ns=$2 dst key
+  [[ -f $slot/mountpoints ]] || return 0
+  while read -r dst; do
+    key=$POD_MOUNTPOINT_DIR/${dst//\//_}
+    (
+      flock 9
+      rm -f "$key.users/$ns"
+      if rmdir "$key.users" 2>/dev/null; then
+        rmdir "$dst" 2>/dev/null || echo "mountpoint $dst is not empty; left in place" >&2
+        rm -f "$key.created"
+      fi
+    ) 9>"$POD_MOUNTPOINT_DIR/.lock"
+  done <"$slot/mountpoints"
 }
 
 pod_start() {
@@ -188,12 +221,15 @@ pod_start() {
   POD_RUNNER_PID=$!
   echo "$POD_RUNNER_PID" >"$POD_SLOT_DIR/runner-pid"
 
-  local unshare_pid
-  ebx_wait_for 10 pod_child_of "$POD_RUNNER_PID" unshare_pid || ebx_die "pod_start: unshare did not start"
-  ebx_wait_for 10 pod_child_of "$unshare_pid" POD_PID || {
-    cat "$POD_DIR/envbox.log" >&2
+  local unshare_pid=""
+  POD_PID=""
+  # An envbox that exits at once (bad configuration) may be gone before it is seen; that is not an error
+  # here, the exit status is in $POD_DIR/exit-status and pod_wait_ready reports it.
+  if ! ebx_wait_for 10 pod_exited_or_child "$POD_RUNNER_PID" unshare_pid ||
+    ! ebx_wait_for 10 pod_exited_or_child "${unshare_pid:-0}" POD_PID; then
+    pod_print_log
     ebx_die "pod_start: the pod's PID 1 did not start"
-  }
+  fi
   echo "$POD_PID" >"$POD_SLOT_DIR/pid"
   export POD_PID POD_RUNNER_PID
   # Return once the wrapper has exec'd envbox (or already finished), so pod_exec sees the final mounts.
@@ -206,6 +242,11 @@ pod_child_of() {
   children=$(cat /proc/"$1"/task/*/children 2>/dev/null) || return 1
   [[ -n $children ]] || return 1
   printf -v "$2" '%s' "${children%% *}"
+}
+
+# pod_exited_or_child PID VAR: true when the pod already exited, or PID's first child is stored in VAR.
+pod_exited_or_child() {
+  [[ -f $POD_DIR/exit-status ]] || pod_child_of "$1" "$2"
 }
 
 # True once PID 1 runs envbox: its argv no longer starts with the wrapper's sh or env -i (argv is checked
@@ -259,6 +300,7 @@ pod_wait_ready() {
 }
 
 pod_exec() {
+  [[ -n ${POD_PID:-} ]] || { echo "pod_exec: the pod has no running PID 1" >&2; return 1; }
   nsenter -t "$POD_PID" -a "$@"
 }
 
@@ -328,7 +370,11 @@ pod_proc_alive() {
 
 pod_stop() {
   local signal=${1:-TERM} timeout=${2:-60} t0 t1
-  [[ -n ${POD_PID:-} ]] || ebx_die "pod_stop: pod not started"
+  [[ -n ${POD_RUNNER_PID:-} ]] || ebx_die "pod_stop: pod not started"
+  if [[ -f $POD_DIR/exit-status ]]; then
+    echo "pod_stop: envbox had already exited with status $(<"$POD_DIR/exit-status")" >&2
+    return 1
+  fi
   t0=$(date +%s.%N)
   kill -s "$signal" "$POD_PID"
   if ! ebx_wait_for "$timeout" test -f "$POD_DIR/exit-status"; then
@@ -394,9 +440,7 @@ pod_destroy_slot() {
   if [[ -n $ns && -e /run/netns/$ns ]]; then
     ip netns del "$ns" || rc=1
   fi
-  if [[ -f $slot/created-mountpoints ]]; then
-    while read -r mp; do rmdir "$mp" 2>/dev/null || true; done <"$slot/created-mountpoints"
-  fi
+  pod_release_mountpoints "$slot" "$ns"
   [[ -n $dir ]] && rm -rf "$dir"
   rm -rf "$slot"
   return "$rc"

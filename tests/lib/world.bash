@@ -20,8 +20,8 @@ world_in_upstream() {
   nsenter --net="/run/netns/$EBX_UPSTREAM_NS" "$@"
 }
 
-# Removes namespaces left by harness runs that died without tearing down (their owner pid is gone).
-# Names end in -<pid of the owning shell>; only namespaces whose owner no longer exists are touched.
+# Removes namespaces and pod cgroups left by harness runs that died without tearing down. Names end in
+# -<pid of the owning shell>; only those whose owner no longer exists are touched.
 world_reap_stale() {
   local ns owner pid
   for ns in $(ip netns list | awk '$1 ~ /^ebx(up|pod)-/ {print $1}'); do
@@ -31,6 +31,44 @@ world_reap_stale() {
     ebx_log "removing stale namespace $ns (owner pid $owner is gone)"
     for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
     ip netns del "$ns" 2>/dev/null || true
+  done
+  local dir
+  while read -r dir; do
+    owner=${dir##*-}
+    [[ $owner =~ ^[0-9]+$ && ! -d /proc/$owner ]] || continue
+    ebx_log "removing stale cgroup $dir"
+    pod_remove_cgroup_tree "$dir" || true
+  done < <(find /sys/fs/cgroup -mindepth 2 -maxdepth 6 -type d -name 'ebxpod-*' 2>/dev/null)
+  local pid
+  for dir in "${TMPDIR:-/tmp}"/ebx-world-*; do
+    [[ -d $dir ]] || continue
+    owner=${dir##*/ebx-world-}
+    owner=${owner%%.*}
+    [[ $owner =~ ^[0-9]+$ && ! -d /proc/$owner ]] || continue
+    ebx_log "removing stale world $dir"
+    # Its registry, if it outlived the run: only when that pid still runs this world's config.
+    pid=$(cat "$dir/registry/pid" 2>/dev/null || true)
+    if [[ -n $pid ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$dir/registry/config.yml"; then
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -rf "$dir"
+  done
+  # Mountpoint claims of dead pods (see pod_make_mountpoints).
+  local claim users dst
+  for claim in "$POD_MOUNTPOINT_DIR"/*.users/ebxpod-*; do
+    [[ -e $claim ]] || continue
+    owner=${claim##*-}
+    [[ $owner =~ ^[0-9]+$ && ! -d /proc/$owner ]] || continue
+    users=${claim%/*}
+    (
+      flock 9
+      rm -f "$claim"
+      if rmdir "$users" 2>/dev/null; then
+        dst=$(cat "${users%.users}.created" 2>/dev/null || true)
+        [[ -n $dst ]] && rmdir "$dst" 2>/dev/null
+        rm -f "${users%.users}.created"
+      fi
+    ) 9>"$POD_MOUNTPOINT_DIR/.lock"
   done
 }
 
@@ -111,7 +149,8 @@ world_start() {
   [[ -x ${ENVBOX_BIN:-} ]] || ENVBOX_BIN=$EBX_REPO_ROOT/target/release/envbox
   world_reap_stale
 
-  EBX_WORLD_DIR=$(mktemp -d "${TMPDIR:-/tmp}/ebx-world.XXXXXX")
+  # The owner's pid in the name lets world_reap_stale and world_leftovers tell dead worlds from live ones.
+  EBX_WORLD_DIR=$(mktemp -d "${TMPDIR:-/tmp}/ebx-world-$$.XXXXXX")
   # Bundles under pod dirs must be traversable by the workspace's uid 100000.
   chmod 755 "$EBX_WORLD_DIR"
   mkdir -p "$EBX_WORLD_DIR"/{pods,slots}
@@ -138,7 +177,9 @@ world_start() {
   ip -n "$EBX_UPSTREAM_NS" link set "$hostdev" up
 
   world_write_registry_config "$EBX_WORLD_DIR/registry"
-  world_in_upstream docker-registry serve "$EBX_WORLD_DIR/registry/config.yml" \
+  # A plain command (not the world_in_upstream function), so that $! is the registry itself:
+  # bash execs nsenter, which execs docker-registry.
+  nsenter --net="/run/netns/$EBX_UPSTREAM_NS" docker-registry serve "$EBX_WORLD_DIR/registry/config.yml" \
     </dev/null >"$EBX_WORLD_DIR/registry/registry.log" 2>&1 &
   echo $! >"$EBX_WORLD_DIR/registry/pid"
   ebx_wait_for 20 world_registry_answers || {
@@ -186,4 +227,27 @@ world_stop() {
   fi
   rm -rf "$EBX_WORLD_DIR"
   unset EBX_WORLD_DIR
+}
+
+# Prints what harness runs left on the machine (namespaces, cgroups, mounts, dirs) whose owner process is
+# gone; empty output means clean. Run after world_stop to prove the teardown complete.
+world_leftovers() {
+  local ns owner dir
+  for ns in $(ip netns list | awk '$1 ~ /^ebx(up|pod)-/ {print $1}'); do
+    owner=${ns##*-}
+    [[ -d /proc/$owner ]] || echo "network namespace $ns"
+  done
+  while read -r dir; do
+    owner=${dir##*-}
+    [[ -d /proc/$owner ]] || echo "cgroup $dir"
+  done < <(find /sys/fs/cgroup -mindepth 2 -maxdepth 6 -type d -name 'ebxpod-*' 2>/dev/null)
+  for dir in "${TMPDIR:-/tmp}"/ebx-world-*; do
+    [[ -e $dir ]] || continue
+    owner=${dir##*/ebx-world-}
+    owner=${owner%%.*}
+    [[ -d /proc/$owner ]] && continue
+    echo "directory $dir"
+    awk -v d="$dir/" 'index($5, d) == 1 {print "mount " $5}' /proc/self/mountinfo
+  done
+  return 0
 }
