@@ -45,7 +45,7 @@ pull_secret_for() {
   local ws="$POD_DIR/state/workspace.json"
   [[ -f $ws ]] || fail "$ws was not written"
   run jq -e '(.id | type == "string" and length > 0) and (.pid | type == "number" and . > 1)
-             and .runtime == "runc" and (.runtime_root | type == "string") and (.bundle | type == "string")' "$ws"
+             and (.runtime | test("(^|/)runc$")) and (.runtime_root | type == "string") and (.bundle | type == "string")' "$ws"
   [[ $status == 0 ]] || fail "unexpected workspace.json: $(cat "$ws")"
   run pod_exec test -d "$(jq -r .bundle "$ws")"
   assert_status 0

@@ -112,12 +112,6 @@ assert_help_lists_all_vars() {
   assert_help_lists_all_vars
 }
 
-@test "envbox --help lists every CODER_* variable" {
-  run "$ENVBOX_BIN" --help
-  assert_status 0
-  assert_help_lists_all_vars
-}
-
 @test "envbox run is an alias of envbox docker" {
   run "$ENVBOX_BIN" run --help
   assert_status 0

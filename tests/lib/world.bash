@@ -146,7 +146,7 @@ EOF
 # Starts the world and exports its description. Idempotent within one shell: a second call is a no-op.
 world_start() {
   [[ -n ${EBX_WORLD_DIR:-} && -d ${EBX_WORLD_DIR:-/nonexistent} ]] && return 0
-  [[ -x ${ENVBOX_BIN:-} ]] || ENVBOX_BIN=$EBX_REPO_ROOT/target/release/envbox
+  [[ -x ${ENVBOX_BIN:-} ]] || ENVBOX_BIN=$("$EBX_REPO_ROOT/scripts/build" </dev/null)
   world_reap_stale
 
   # The owner's pid in the name lets world_reap_stale and world_leftovers tell dead worlds from live ones.
