@@ -136,6 +136,12 @@ fn docker(a: &cli::DockerArgs) -> ExitCode {
         Err(e) => return config_error(&e),
     };
     let log = Arc::new(BuildLog::stderr());
+    if let (Some(url), Some(token)) = (&cfg.agent_url, &cfg.agent_token) {
+        match image::registry::TlsRoots::load(cfg.image.extra_certs.as_deref()) {
+            Ok(roots) => log.set_remote(Box::new(coderlog::start(url, token, &roots))),
+            Err(e) => log::warn!("start-up lines are not sent to Coder: {e}"),
+        }
+    }
     let kernel = RealKernel;
     if let Err(e) = pod::check_privileged() {
         return fail(&log, &e.to_string());
@@ -149,13 +155,6 @@ fn docker(a: &cli::DockerArgs) -> ExitCode {
                 &log,
                 &format!("preparing the pod's cgroup v2 tree for the workspace: {e}"),
             );
-        }
-    }
-    // The sender is a thread: started only now that the cgroup namespace is settled.
-    if let (Some(url), Some(token)) = (&cfg.agent_url, &cfg.agent_token) {
-        match image::registry::TlsRoots::load(cfg.image.extra_certs.as_deref()) {
-            Ok(roots) => log.set_remote(Box::new(coderlog::start(url, token, &roots))),
-            Err(e) => log::warn!("start-up lines are not sent to Coder: {e}"),
         }
     }
     let sup = Supervisor::new(Arc::new(RealProcessOps));
