@@ -146,7 +146,8 @@ fn docker(a: &cli::DockerArgs) -> ExitCode {
     if let Err(e) = pod::check_privileged() {
         return fail(&log, &e.to_string());
     }
-    // Still single-threaded: the cgroup namespace is per thread and inherited by later threads.
+    // The cgroup namespace belongs to the calling thread and is inherited by the threads it starts
+    // later, which spawn every child; only the Coder log sender (which spawns nothing) predates it.
     if cgroup::detect_layout() == cgroup::Layout::Unified {
         if let Err(e) =
             cgroup::delegate_pod_cgroup(&kernel, std::path::Path::new(cgroup::CGROUP_ROOT))
