@@ -442,4 +442,271 @@ mod tests {
         let r = s.run_step("slow", || std::thread::sleep(Duration::from_secs(5)));
         assert_eq!(r, Err(Interrupted));
     }
+
+    #[test]
+    fn each_exit_is_routed_to_its_own_pid_in_any_order() {
+        let (s, ops) = sup();
+        for pid in [1, 2, 3] {
+            s.adopt("p", pid);
+        }
+        ops.exit(3, Exit::Code(3));
+        ops.exit(1, Exit::Signal(libc::SIGTERM));
+        s.reap();
+        assert_eq!(s.try_exit(2), None, "2 is still running");
+        assert!(!s.has_exited(2));
+        assert!(s.has_exited(1));
+        assert_eq!(s.try_exit(1), Some(Exit::Signal(libc::SIGTERM)));
+        assert_eq!(s.try_exit(3), Some(Exit::Code(3)));
+        ops.exit(2, Exit::Code(0));
+        s.reap();
+        assert_eq!(s.wait_exit(2, Some(Instant::now())), Some(Exit::Code(0)));
+        assert_eq!(s.orphans_reaped(), 0, "every exit had a registration");
+    }
+
+    #[test]
+    fn a_pid_taken_once_is_forgotten_and_a_reused_pid_is_an_orphan() {
+        let (s, ops) = sup();
+        s.adopt("first", 9);
+        ops.exit(9, Exit::Code(0));
+        s.reap();
+        assert_eq!(s.try_exit(9), Some(Exit::Code(0)));
+        // The pid may now belong to someone else: no signal goes to it.
+        s.signal(9, libc::SIGKILL).unwrap();
+        assert!(ops.kills().is_empty());
+        ops.exit(9, Exit::Code(1));
+        s.reap();
+        assert_eq!(s.orphans_reaped(), 1);
+        assert_eq!(s.try_exit(9), None);
+    }
+
+    #[test]
+    fn orphans_are_reaped_and_only_the_latest_unclaimed_exits_are_kept() {
+        let (s, ops) = sup();
+        let n = UNCLAIMED_KEPT as i32 + 10;
+        for pid in 1000..1000 + n {
+            ops.exit(pid, Exit::Code(0));
+        }
+        s.reap();
+        assert_eq!(s.orphans_reaped(), n as u64);
+        // The oldest are forgotten (memory stays bounded): adopting one now finds no exit.
+        s.adopt("too late", 1000);
+        assert!(!s.has_exited(1000));
+        s.adopt("recent", 1000 + n - 1);
+        assert!(s.has_exited(1000 + n - 1));
+    }
+
+    #[test]
+    fn wait_event_watches_several_pids_and_only_those() {
+        let (s, ops) = sup();
+        for pid in [10, 11, 12] {
+            s.adopt("p", pid);
+        }
+        ops.exit(12, Exit::Code(1));
+        s.reap();
+        let soon = || Some(Instant::now() + Duration::from_millis(20));
+        assert_eq!(s.wait_event(&[10, 11], 0, soon()), Wake::Timeout);
+        let s2 = Arc::clone(&s);
+        let h = std::thread::spawn(move || s2.wait_event(&[10, 11], 0, None));
+        std::thread::sleep(Duration::from_millis(20));
+        ops.exit(11, Exit::Signal(libc::SIGKILL));
+        s.reap();
+        let woke = Wake::Exited(11, "p".into(), Exit::Signal(libc::SIGKILL));
+        assert_eq!(h.join().unwrap(), woke);
+        // Reported until taken, so a caller that loops sees it again.
+        assert_eq!(s.wait_event(&[10, 11], 0, soon()), woke);
+        assert_eq!(s.try_exit(11), Some(Exit::Signal(libc::SIGKILL)));
+        assert_eq!(s.wait_event(&[10, 11], 0, soon()), Wake::Timeout);
+        assert_eq!(s.try_exit(12), Some(Exit::Code(1)));
+    }
+
+    #[test]
+    fn wait_event_reports_only_stop_requests_beyond_those_seen() {
+        let (s, ops) = sup();
+        s.adopt("w", 20);
+        let soon = || Some(Instant::now() + Duration::from_millis(20));
+        assert_eq!(s.request_stop(), 1);
+        assert_eq!(s.wait_event(&[20], 0, None), Wake::Stop(1));
+        assert_eq!(s.wait_event(&[20], 1, soon()), Wake::Timeout);
+        let s2 = Arc::clone(&s);
+        let h = std::thread::spawn(move || s2.wait_event(&[20], 1, None));
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(s.request_stop(), 2);
+        assert_eq!(h.join().unwrap(), Wake::Stop(2));
+        // A stop request does not end a wait for an exit (the stop itself waits that way).
+        assert_eq!(s.wait_exit(20, soon()), None);
+        ops.exit(20, Exit::Code(0));
+        s.reap();
+        assert_eq!(s.wait_exit(20, soon()), Some(Exit::Code(0)));
+    }
+
+    #[test]
+    fn deadlines_in_the_past_return_at_once_and_a_stop_cuts_a_sleep_short() {
+        let (s, _ops) = sup();
+        s.adopt("w", 30);
+        let past = Instant::now()
+            .checked_sub(Duration::from_secs(1))
+            .unwrap_or_else(Instant::now);
+        assert_eq!(s.wait_exit(30, Some(past)), None);
+        assert_eq!(s.wait_event(&[30], 0, Some(past)), Wake::Timeout);
+        assert!(s.sleep_unless_stopped(Duration::from_millis(10)));
+        let s2 = Arc::clone(&s);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            s2.request_stop();
+        });
+        let t = Instant::now();
+        assert!(!s.sleep_unless_stopped(Duration::from_secs(60)));
+        assert!(t.elapsed() < Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_finished_step_is_returned_even_after_a_stop_request() {
+        let (s, _ops) = sup();
+        let step = s.start_step("done", || 5);
+        let t = Instant::now();
+        while step.slot.lock().unwrap().is_none() {
+            assert!(t.elapsed() < Duration::from_secs(30), "step never finished");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        s.request_stop();
+        assert_eq!(step.wait(&s), Ok(5));
+    }
+
+    /// Reaps only the children in one process group, so these tests never take the exit of a
+    /// process another test of this binary spawned.
+    struct GroupReaper {
+        pgid: i32,
+    }
+
+    impl ProcessOps for GroupReaper {
+        fn reap_any(&self) -> Option<(i32, Exit)> {
+            use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+            let group = nix::unistd::Pid::from_raw(-self.pgid);
+            match waitpid(group, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(p, c)) => Some((p.as_raw(), Exit::Code(c))),
+                Ok(WaitStatus::Signaled(p, sig, _)) => Some((p.as_raw(), Exit::Signal(sig as i32))),
+                _ => None,
+            }
+        }
+
+        fn kill(&self, pid: i32, sig: i32) -> io::Result<()> {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe { libc::kill(pid, sig) };
+            Ok(())
+        }
+    }
+
+    /// A supervisor over real processes: a group leader that only holds the group, and a thread that
+    /// reaps as the signal thread would on SIGCHLD. `f` gets the supervisor and the group id.
+    fn with_real_children(f: impl FnOnce(&Arc<Supervisor>, i32)) {
+        use std::os::unix::process::CommandExt;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let mut leader = Command::new("sleep")
+            .arg("300")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pgid = leader.id() as i32;
+        let s = Supervisor::new(Arc::new(GroupReaper { pgid }));
+        let done = Arc::new(AtomicBool::new(false));
+        let (s2, d2) = (Arc::clone(&s), Arc::clone(&done));
+        let reaper = std::thread::spawn(move || {
+            while !d2.load(Ordering::SeqCst) {
+                s2.reap();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&s, pgid)));
+        done.store(true, Ordering::SeqCst);
+        reaper.join().unwrap();
+        let _ = leader.kill();
+        let _ = leader.wait();
+        if let Err(p) = r {
+            std::panic::resume_unwind(p);
+        }
+    }
+
+    fn in_group(pgid: i32, script: &str) -> Command {
+        use std::os::unix::process::CommandExt;
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(script).process_group(pgid);
+        c
+    }
+
+    /// Processes of the group other than its leader, zombies included.
+    fn group_members(pgid: i32) -> Vec<i32> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            let pgrp: Option<i32> = rest.split_whitespace().nth(2).and_then(|f| f.parse().ok());
+            if pgrp == Some(pgid) && pid != pgid {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn output_feeds_stdin_and_collects_both_streams_and_the_status() {
+        with_real_children(|s, pgid| {
+            let out = s
+                .output(
+                    "t",
+                    &mut in_group(pgid, "cat; echo err >&2; exit 3"),
+                    b"hello\n",
+                    Duration::from_secs(30),
+                )
+                .unwrap();
+            assert_eq!(out.exit, Exit::Code(3));
+            assert_eq!(out.stdout, b"hello\n");
+            assert_eq!(out.stderr, b"err\n");
+            assert_eq!(s.orphans_reaped(), 0);
+        });
+    }
+
+    #[test]
+    fn output_drains_more_than_a_pipe_buffer_while_it_waits() {
+        with_real_children(|s, pgid| {
+            let out = s
+                .output(
+                    "big",
+                    &mut in_group(
+                        pgid,
+                        "head -c 1000000 /dev/zero; head -c 300000 /dev/zero >&2",
+                    ),
+                    b"",
+                    Duration::from_secs(30),
+                )
+                .unwrap();
+            assert!(out.exit.success());
+            assert_eq!(out.stdout.len(), 1_000_000);
+            assert_eq!(out.stderr.len(), 300_000);
+        });
+    }
+
+    #[test]
+    fn output_kills_and_reaps_a_command_at_its_timeout() {
+        with_real_children(|s, pgid| {
+            let t = Instant::now();
+            let e = s
+                .output(
+                    "hung",
+                    &mut in_group(pgid, "exec sleep 300"),
+                    b"",
+                    Duration::from_millis(200),
+                )
+                .unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+            assert!(t.elapsed() < Duration::from_secs(30));
+            assert_eq!(group_members(pgid), Vec::<i32>::new(), "killed and reaped");
+        });
+    }
 }
