@@ -184,6 +184,14 @@ pub struct ImageArgs {
     /// Image and layer cache, kept across restarts (default /var/lib/docker/envbox, on the template's PVC).
     #[arg(long = "cache-dir", env = "CODER_CACHE_DIR", hide_env_values = true)]
     pub cache_dir: Option<String>,
+    /// Size budget of the image cache, e.g. 20Gi: after a start (and `envbox pull`), images no pod
+    /// uses are removed, least recently used first (default: unbounded).
+    #[arg(
+        long = "cache-max-size",
+        env = "CODER_CACHE_MAX_SIZE",
+        hide_env_values = true
+    )]
+    pub cache_max_size: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]

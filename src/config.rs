@@ -124,6 +124,8 @@ pub struct ImageConfig {
     pub extra_certs: Option<PathBuf>,
     pub insecure_registries: Vec<String>,
     pub cache_dir: PathBuf,
+    /// `CODER_CACHE_MAX_SIZE` in bytes; `None`: unbounded.
+    pub cache_max_size: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -275,6 +277,7 @@ impl ImageConfig {
                 .unwrap_or_default(),
             cache_dir: optional_abs_path("CODER_CACHE_DIR", &a.cache_dir)?
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR)),
+            cache_max_size: parse_cache_max_size(&a.cache_max_size)?,
         })
     }
 }
@@ -329,9 +332,26 @@ fn parse_memory(v: &Option<String>) -> Result<Option<u64>, ConfigError> {
     const EXPECTED: &str =
         "expected bytes or a Kubernetes quantity such as 4Gi, 512Mi or 512M (0 = no limit)";
     let Some(s) = present(v) else { return Ok(None) };
+    let bytes = parse_byte_quantity(s).ok_or_else(|| invalid(VAR, s, EXPECTED))?;
+    Ok((bytes > 0).then_some(bytes))
+}
+
+fn parse_cache_max_size(v: &Option<String>) -> Result<Option<u64>, ConfigError> {
+    const VAR: &str = "CODER_CACHE_MAX_SIZE";
+    const EXPECTED: &str = "expected a size in bytes or a Kubernetes quantity such as 20Gi or \
+                            500M, greater than 0 (unset: no limit)";
+    let Some(s) = present(v) else { return Ok(None) };
+    match parse_byte_quantity(s) {
+        Some(n) if n > 0 => Ok(Some(n)),
+        _ => Err(invalid(VAR, s, EXPECTED)),
+    }
+}
+
+/// Bytes, or a Kubernetes quantity with a k/M/G/T or Ki/Mi/Gi/Ti suffix (integers only).
+fn parse_byte_quantity(s: &str) -> Option<u64> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| invalid(VAR, s, EXPECTED))?;
+    let n: u64 = num.parse().ok()?;
     let mult: u64 = match unit {
         "" => 1,
         "k" => 1000,
@@ -342,12 +362,9 @@ fn parse_memory(v: &Option<String>) -> Result<Option<u64>, ConfigError> {
         "Mi" => 1 << 20,
         "Gi" => 1 << 30,
         "Ti" => 1 << 40,
-        _ => return Err(invalid(VAR, s, EXPECTED)),
+        _ => return None,
     };
-    let bytes = n
-        .checked_mul(mult)
-        .ok_or_else(|| invalid(VAR, s, EXPECTED))?;
-    Ok((bytes > 0).then_some(bytes))
+    n.checked_mul(mult)
 }
 
 fn parse_seconds(var: &'static str, v: &Option<String>) -> Result<Option<Duration>, ConfigError> {
@@ -616,6 +633,29 @@ mod tests {
         for bad in ["12XB", "-5", "Gi", "1.5Gi", "99999999999999999999"] {
             assert!(parse_memory(&s(bad)).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn cache_max_size() {
+        assert_eq!(parse_cache_max_size(&s("20Gi")).unwrap(), Some(20 << 30));
+        assert_eq!(parse_cache_max_size(&s("500M")).unwrap(), Some(500_000_000));
+        assert_eq!(parse_cache_max_size(&s("4096")).unwrap(), Some(4096));
+        assert_eq!(parse_cache_max_size(&s("")).unwrap(), None);
+        assert_eq!(parse_cache_max_size(&None).unwrap(), None);
+        for bad in ["0", "lots", "20GB", "-1", "1.5Gi", "99999999999999999999Ti"] {
+            let e = parse_cache_max_size(&s(bad)).unwrap_err();
+            assert_eq!(e.variable, "CODER_CACHE_MAX_SIZE", "{bad}");
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+        let args = ImageArgs {
+            image: s("busybox"),
+            cache_max_size: s("1Gi"),
+            ..Default::default()
+        };
+        assert_eq!(
+            ImageConfig::from_args(&args, None).unwrap().cache_max_size,
+            Some(1 << 30)
+        );
     }
 
     #[test]

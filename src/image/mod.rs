@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod facts;
+pub mod gc;
 pub mod reference;
 pub mod registry;
 pub mod rootfs;
@@ -98,6 +99,8 @@ pub fn pull(
         }
     };
     let pulled = store::pull_cancellable(&client, &store, PULL_PARALLELISM, cancel, progress)?;
+    // What this process pulled stays in use (safe from any cache GC) until it exits.
+    gc::keep_for_process(pulled.holds.clone());
     Ok(PullOutcome {
         pulled,
         elapsed: started.elapsed(),

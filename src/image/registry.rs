@@ -1294,13 +1294,10 @@ impl RegistryClient {
         let config_bytes = match store.map(|s| s.read(&config.digest)).transpose()?.flatten() {
             Some(b) => b,
             None if offline => return Err(self.offline_missing(&config.digest)),
-            None => {
-                let b = self.get_small_blob(&config.digest, config_size)?;
-                if let Some(s) = store {
-                    s.put(&config.digest, &b)?;
-                }
-                b
-            }
+            None => match store {
+                Some(s) => self.small_blob_via_store(s, &config.digest, config_size)?,
+                None => self.get_small_blob(&config.digest, config_size)?,
+            },
         };
         let raw: RawConfigBlob =
             serde_json::from_slice(&config_bytes).map_err(|e| RegistryError::InvalidManifest {
@@ -1405,6 +1402,37 @@ impl RegistryClient {
         }
         let ct = header(&resp, "content-type");
         Ok((bytes, actual, ct))
+    }
+
+    /// Fetch a small blob into `store` under its per-blob lock, so that concurrent pulls of one
+    /// image (threads or processes) download it once; the others read what the first stored.
+    fn small_blob_via_store(
+        &self,
+        store: &BlobStore,
+        digest: &str,
+        size: u64,
+    ) -> Result<Vec<u8>, RegistryError> {
+        match store.writer(digest, Some(size))? {
+            None => match store.read(digest)? {
+                Some(b) => Ok(b),
+                None => {
+                    let b = self.get_small_blob(digest, size)?;
+                    store.put(digest, &b)?;
+                    Ok(b)
+                }
+            },
+            Some(mut w) => {
+                let b = self.get_small_blob(digest, size)?;
+                w.reset()?;
+                w.write_all(&b).map_err(|e| StoreError::Io {
+                    op: "write blob",
+                    path: w.partial_path().to_path_buf(),
+                    source: e,
+                })?;
+                w.finish()?;
+                Ok(b)
+            }
+        }
     }
 
     fn get_small_blob(&self, digest: &str, size: u64) -> Result<Vec<u8>, RegistryError> {

@@ -14,14 +14,17 @@ use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::ops::ControlFlow;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use crate::image::gc;
 use crate::image::reference::{validate_digest, ImageRef};
 use crate::image::registry::{LayerDesc, RegistryClient, RegistryError, ResolvedImage};
 
@@ -116,21 +119,11 @@ impl BlobStore {
             return Ok(None);
         }
         let lock_path = self.lock_path(&hex);
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err("open lock file", &lock_path))?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).map_err(|e| {
-            StoreError::Io {
-                op: "flock",
-                path: lock_path.clone(),
-                source: e.into(),
-            }
-        })?;
+        let lock = lock_file(&lock_path)?;
         // Re-check after acquiring: the previous holder may have completed the blob.
         if self.has(digest) {
+            let _ = fs::remove_file(&lock_path);
+            drop(lock);
             return Ok(None);
         }
         let partial = self.partial_path(&hex);
@@ -171,6 +164,7 @@ impl BlobStore {
             hasher,
             written,
             resumed_from: written,
+            lock_path,
             _lock: lock,
         }))
     }
@@ -244,6 +238,33 @@ impl BlobStore {
     }
 }
 
+/// Opens and exclusively locks the lock file at `path`. A holder removes the file when done (so no
+/// lock files pile up in `tmp/`); a waiter that then gets the lock on the removed file starts over.
+fn lock_file(path: &Path) -> Result<File, StoreError> {
+    loop {
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(io_err("open lock file", path))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).map_err(|e| {
+            StoreError::Io {
+                op: "flock",
+                path: path.to_path_buf(),
+                source: e.into(),
+            }
+        })?;
+        let ours = lock.metadata().map_err(io_err("stat", path))?;
+        match fs::metadata(path) {
+            Ok(m) if m.ino() == ours.ino() && m.dev() == ours.dev() => return Ok(lock),
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err("stat", path)(e)),
+        }
+    }
+}
+
 fn write_file_sync(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let mut f = File::create(path).map_err(io_err("create", path))?;
     f.write_all(bytes).map_err(io_err("write", path))?;
@@ -291,7 +312,15 @@ pub struct BlobWriter {
     hasher: Sha256,
     written: u64,
     resumed_from: u64,
+    lock_path: PathBuf,
     _lock: File,
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        // Still locked here: removing the lock file while holding it is what `lock_file` expects.
+        let _ = fs::remove_file(&self.lock_path);
+    }
 }
 
 impl std::fmt::Debug for BlobWriter {
@@ -412,6 +441,8 @@ pub struct PulledImage {
     pub downloaded_bytes: u64,
     /// True when the registry was unreachable and a previously stored resolution was used.
     pub offline: bool,
+    /// Shared locks that keep the image's blobs and unpacked layers from the cache GC while held.
+    pub holds: Arc<gc::Holds>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -449,7 +480,26 @@ pub fn pull_cancellable(
     progress: impl Fn(Progress) + Sync,
 ) -> Result<PulledImage, PullError> {
     let image_ref = client.image().clone();
-    let (image, offline) = resolve_cached(client, store, &image_ref)?;
+    // Hold the image's digests before relying on their presence: a cache GC in another process
+    // removes only what nobody holds. What it removed just before we held it is fetched again.
+    let mut attempt = 0;
+    let (image, offline, holds) = loop {
+        let (image, offline) = resolve_cached(client, store, &image_ref)?;
+        let holds = gc::hold(store.root(), image_digests(&image)).map_err(|e| StoreError::Io {
+            op: "lock",
+            path: store.root().join("use"),
+            source: e,
+        })?;
+        attempt += 1;
+        let meta_present = [Some(&image.manifest_digest), image.index_digest.as_ref()]
+            .into_iter()
+            .flatten()
+            .chain([&image.config_digest])
+            .all(|d| store.has(d));
+        if meta_present || attempt >= 3 {
+            break (image, offline, Arc::new(holds));
+        }
+    };
     store.save_ref(
         &image_ref,
         &RefRecord {
@@ -550,7 +600,18 @@ pub fn pull_cancellable(
         downloaded_bytes: state.downloaded.load(Ordering::Relaxed),
         image,
         offline,
+        holds,
     })
+}
+
+/// Every digest an image uses: top-level index, manifest, config and layers.
+fn image_digests(image: &ResolvedImage) -> impl Iterator<Item = &str> {
+    image
+        .index_digest
+        .iter()
+        .chain([&image.manifest_digest, &image.config_digest])
+        .map(String::as_str)
+        .chain(image.layers.iter().map(|l| l.digest.as_str()))
 }
 
 fn count_of(layers: &[LayerDesc], i: usize) -> usize {
@@ -676,6 +737,8 @@ mod tests {
             .exists());
         drop(w);
         assert!(s.writer(HELLO, Some(5)).unwrap().is_none());
+        // Nothing of the download is left in tmp/, not even its lock file.
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 
     #[test]
