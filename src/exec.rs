@@ -9,7 +9,7 @@ use oci_spec::runtime::Spec;
 
 use crate::bundle::env;
 use crate::cli::ExecArgs;
-use crate::config::DEFAULT_STATE_DIR;
+use crate::config::{RuntimeKind, DEFAULT_STATE_DIR};
 use crate::image::facts::{lookup_user, UserInfo};
 use crate::workspace::{process_spec, WorkspaceRecord};
 
@@ -85,8 +85,28 @@ fn exec(a: &ExecArgs) -> Result<Never, String> {
         cmd.arg("--tty");
     }
     cmd.arg(&rec.id);
+    crate::pid1::supervisor::reset_signal_mask(&mut cmd);
+    // The same view of the cgroup hierarchies as the runtime had when envbox created the workspace.
+    if crate::runtime::oci::host_hides_unified_cgroup(runtime_kind(&rec.runtime)) {
+        crate::runtime::oci::hide_unified_cgroup(&mut cmd);
+    }
     let err = cmd.exec();
     Err(format!("running {}: {err}", rec.runtime))
+}
+
+/// The runtime's kind from its file name, as CODER_RUNTIME names it (sysbox-runc, runc, crun).
+fn runtime_kind(binary: &str) -> RuntimeKind {
+    let file = std::path::Path::new(binary)
+        .file_name()
+        .and_then(|f| f.to_str())
+        .unwrap_or_default();
+    if file.starts_with("sysbox-runc") {
+        RuntimeKind::SysboxRunc
+    } else if file.starts_with("crun") {
+        RuntimeKind::Crun
+    } else {
+        RuntimeKind::Runc
+    }
 }
 
 /// `name`, `uid` or `uid:gid`; names are looked up in the workspace image's own /etc/passwd.
@@ -117,4 +137,19 @@ fn resolve_user(rootfs: &std::path::Path, u: &str) -> Result<UserInfo, String> {
         info.gid = g;
     }
     Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_kind_from_the_recorded_binary() {
+        assert_eq!(runtime_kind("/usr/bin/crun"), RuntimeKind::Crun);
+        assert_eq!(runtime_kind("/usr/sbin/runc"), RuntimeKind::Runc);
+        assert_eq!(
+            runtime_kind("/usr/bin/sysbox-runc"),
+            RuntimeKind::SysboxRunc
+        );
+    }
 }

@@ -81,6 +81,7 @@ fn pull(a: &cli::PullArgs) -> ExitCode {
     let outcome = image::pull(&cfg, None, &AtomicBool::new(false), &say).and_then(|o| {
         let cache = image::rootfs::LayerCache::open(&cfg.cache_dir)?;
         cache.ensure_all(&image::layer_blobs(&o.pulled))?;
+        image::gc::run(&cfg.cache_dir, cfg.cache_max_size);
         Ok(o)
     });
     match outcome {
@@ -178,6 +179,7 @@ fn docker(a: &cli::DockerArgs) -> ExitCode {
                 started.elapsed().as_secs_f64()
             ));
             log.done();
+            image::gc::spawn(cfg.image.cache_dir.clone(), cfg.image.cache_max_size);
             supervise(&cfg, &log, &sup, &kernel, &link, running)
         }
         Err(Abort::Stopped) => {
@@ -224,6 +226,21 @@ fn start_workspace(
         ))
     })?;
 
+    // NVIDIA's driver mounts under /proc make container creation fail (envbox#67).
+    if cfg.add_gpu {
+        match std::fs::read_to_string("/proc/self/mounts") {
+            Ok(m) => {
+                let done = bundle::gpu::unmount_proc_drivers(kernel, &m);
+                if !done.is_empty() {
+                    log.info(format!(
+                        "Unmounted {} GPU driver mounts under /proc",
+                        done.len()
+                    ));
+                }
+            }
+            Err(e) => log::warn!("reading /proc/self/mounts for GPU driver mounts: {e}"),
+        }
+    }
     // sysbox's daemons start while the image is pulled.
     let sysbox = (cfg.runtime.kind == config::RuntimeKind::SysboxRunc).then(|| {
         let opts = runtime::sysbox::SysboxOptions {
@@ -334,9 +351,8 @@ fn start_workspace(
         working_dir: p.image.config.working_dir.clone(),
         stop_signal: p.image.config.stop_signal.clone(),
     };
-    if rootfs.kind == image::rootfs::RootfsKind::Overlay {
-        inner_docker_mtu(&rootfs.path, &cfg.state_dir.join("upper"), link.mtu, log);
-    }
+    inner_docker_mtu(&rootfs.path, link.mtu, log);
+    bundle::add_machine_id(&facts, &rootfs.path);
     let bundle_dir = cfg.state_dir.join("bundle");
     let bundle = bundle::prepare(
         kernel,
@@ -500,10 +516,10 @@ fn supervise(
     ExitCode::SUCCESS
 }
 
-/// The inner dockerd should use the pod's MTU (envbox#167). A `daemon.json` saying so is added to this
-/// start's writable layer only when the image has Docker and no `daemon.json` of its own; the image's
-/// files are never rewritten.
-fn inner_docker_mtu(rootfs: &std::path::Path, upper: &std::path::Path, mtu: u32, log: &BuildLog) {
+/// The inner dockerd should use the pod's MTU (envbox#167). A `daemon.json` saying so is written
+/// through the mounted root (so into this start's writable layer) only when the image has Docker and
+/// no `daemon.json` of its own; the image's files are never rewritten.
+fn inner_docker_mtu(rootfs: &std::path::Path, mtu: u32, log: &BuildLog) {
     use image::facts::{image_has, read_image_file};
     if ![
         "/usr/bin/dockerd",
@@ -518,7 +534,11 @@ fn inner_docker_mtu(rootfs: &std::path::Path, upper: &std::path::Path, mtu: u32,
     let existing = read_image_file(rootfs, net::DAEMON_JSON_PATH).unwrap_or(None);
     match net::inner_docker_daemon_json(existing.as_deref(), mtu) {
         net::DaemonJsonDecision::Write(content) => {
-            if let Err(e) = bundle::add_to_upper(upper, net::DAEMON_JSON_PATH, content.as_bytes()) {
+            let owner = (
+                bundle::spec::ID_MAP_HOST_START,
+                bundle::spec::ID_MAP_HOST_START,
+            );
+            if let Err(e) = net::write_daemon_json(rootfs, &content, owner) {
                 log::warn!("cannot give the inner Docker the pod's MTU: {e}");
             }
         }

@@ -181,7 +181,7 @@ impl Workspace {
         let args = vec![
             "/bin/sh".to_string(),
             "-c".into(),
-            "mkdir -p \"$BINARY_DIR\" && exec /bin/sh -s".into(),
+            "mkdir -p \"$BINARY_DIR\"; exec /bin/sh -s".into(),
         ];
         let process =
             process_spec(user, env, args, &user.home, false).map_err(|e| RuntimeError::Failed {
@@ -249,8 +249,8 @@ impl Workspace {
     }
 
     /// The ordered stop: the agent first (its shutdown scripts), then the workspace's PID 1 with its
-    /// stop signal, SIGKILL at the deadline, then `delete`. Returns whether everything stopped
-    /// without force.
+    /// stop signal, SIGKILL at the deadline, then `delete`. `hurry` (a second SIGTERM) cuts every wait
+    /// short: whatever still runs is killed at once. Returns whether everything stopped without force.
     pub fn stop(
         &self,
         bootstrap: Option<&Bootstrap>,
@@ -260,23 +260,39 @@ impl Workspace {
         let mut clean = true;
         let total = deadline.saturating_duration_since(Instant::now());
         // The agent may use up to half of the budget; the workspace gets the rest.
-        if let Some(b) = bootstrap {
-            let agent_deadline = Instant::now() + total / 2;
-            if let Some(p) = b.inner_pid {
-                signal_pid(p, libc::SIGTERM);
+        if let Some(b) = bootstrap.filter(|_| !hurry()) {
+            if !self.sup.has_exited(b.client_pid) {
+                log::info!(
+                    "stopping the bootstrap (SIGTERM, up to {:.1} s)",
+                    (total / 2).as_secs_f64()
+                );
+                // One TERM to the script itself; the runtime's exec client would forward its own, and
+                // a script that traps TERM would see two.
+                match b.inner_pid {
+                    Some(p) => signal_pid(p, libc::SIGTERM),
+                    None => {
+                        let _ = self.sup.signal(b.client_pid, libc::SIGTERM);
+                    }
+                }
             }
-            let _ = self.sup.signal(b.client_pid, libc::SIGTERM);
-            if self
-                .sup
-                .wait_exit(b.client_pid, Some(agent_deadline))
-                .is_none()
-            {
-                log::warn!("the bootstrap did not stop within {:?}", total / 2);
+            if !self.wait_or_hurry(b.client_pid, Instant::now() + total / 2, &hurry) {
+                if hurry() {
+                    log::warn!("stopping fast: the bootstrap is killed with the workspace");
+                } else {
+                    log::warn!("the bootstrap did not stop within {:?}", total / 2);
+                }
                 clean = false;
             }
         }
         let mut exited = self.sup.try_exit(self.pid).is_some();
         if !exited && !hurry() {
+            log::info!(
+                "stopping the workspace (signal {}, up to {:.1} s)",
+                self.stop_signal,
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .as_secs_f64()
+            );
             if let Err(e) = self.runtime.kill(&self.id, self.stop_signal) {
                 log::warn!("sending the stop signal to the workspace: {e}");
             }
@@ -284,12 +300,13 @@ impl Workspace {
             let wait_until = deadline
                 .checked_sub(Duration::from_secs(1))
                 .unwrap_or(deadline);
-            while !exited && Instant::now() < wait_until && !hurry() {
-                let step = (Instant::now() + Duration::from_millis(100)).min(wait_until);
-                exited = self.sup.wait_exit(self.pid, Some(step)).is_some();
-            }
+            exited = self.wait_or_hurry(self.pid, wait_until, &hurry);
             if !exited {
-                log::warn!("the workspace did not stop in time; killing it");
+                if hurry() {
+                    log::warn!("stopping fast: killing the workspace");
+                } else {
+                    log::warn!("the workspace did not stop in time; killing it");
+                }
                 clean = false;
             }
         }
@@ -305,6 +322,23 @@ impl Workspace {
         }
         let _ = std::fs::remove_file(self.state_dir.join(STATE_FILE));
         clean
+    }
+
+    /// Waits for `pid` to exit until `until`, giving up early when `hurry` turns true. True when
+    /// it exited (its status is taken).
+    fn wait_or_hurry(&self, pid: i32, until: Instant, hurry: &impl Fn() -> bool) -> bool {
+        loop {
+            if hurry() {
+                return self.sup.try_exit(pid).is_some();
+            }
+            let step = (Instant::now() + Duration::from_millis(100)).min(until);
+            if self.sup.wait_exit(pid, Some(step)).is_some() {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+        }
     }
 }
 

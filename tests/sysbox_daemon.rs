@@ -84,7 +84,10 @@ fn readiness_restart_and_early_exit() {
     );
     write_daemon(dir.path(), &py);
     // A loaded CI machine may take a while to start python; readiness is what is tested here.
-    let patient = DaemonSpec { ready_within: Duration::from_secs(15), ..spec };
+    let patient = DaemonSpec {
+        ready_within: Duration::from_secs(15),
+        ..spec
+    };
     let d = start_daemon(&sup, &opts, &patient, &|_| {}, &|| false).unwrap();
     assert!(d.pid > 0);
     unsafe { libc::kill(-d.pid, libc::SIGKILL) };

@@ -2,6 +2,7 @@
 
 pub mod devices;
 pub mod env;
+pub mod gpu;
 pub mod mounts;
 pub mod spec;
 
@@ -31,6 +32,8 @@ pub enum BundleError {
     Mounts(#[from] mounts::MountError),
     #[error(transparent)]
     Devices(#[from] devices::DeviceError),
+    #[error("GPU passthrough (CODER_ADD_GPU): {0}")]
+    Gpu(#[from] gpu::GpuError),
 }
 
 /// The parts of the image configuration the workspace takes over.
@@ -104,6 +107,8 @@ pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, Bundl
         });
         WorkspaceInit::Envbox {
             path_inside: INIT_PATH_INSIDE.into(),
+            // The whole stop must fit CODER_SHUTDOWN_TIMEOUT; a second is left for envbox's own steps.
+            grace_secs: cfg.shutdown_timeout.as_secs().saturating_sub(1).max(1),
         }
     };
     let planned = mounts::plan(&input.facts.user, &cfg.mounts);
@@ -111,12 +116,28 @@ pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, Bundl
     all_binds.extend(binds);
 
     let devices = devices::prepare(kernel, &input.dir.join("dev"), cfg.add_tun, cfg.add_fuse)?;
+    let (mut gpu_devices, mut gpu_env) = (Vec::new(), Vec::new());
+    if let (true, Some(lib)) = (cfg.add_gpu, cfg.usr_lib_dir.as_deref()) {
+        let inputs = gpu::gather(&gpu::GatherOptions {
+            usr_lib_dir: lib,
+            inner_usr_lib_dir: cfg.inner_usr_lib_dir.as_deref(),
+            os: &input.facts.os,
+            reserved_targets: all_binds.iter().map(|b| b.target.clone()).collect(),
+        })?;
+        let plan = gpu::plan(&inputs)?;
+        for w in &plan.warnings {
+            log::warn!("GPU: {w}");
+        }
+        all_binds.extend(plan.binds);
+        gpu_devices = plan.devices;
+        gpu_env = plan.env;
+    }
     let token = cfg
         .agent_token
         .as_ref()
         .map(|t| t.expose())
         .unwrap_or_default();
-    let env = env::workspace_env(&input.image.env, token, &cfg.passed_env, &[]);
+    let env = env::workspace_env(&input.image.env, token, &cfg.passed_env, &gpu_env);
     let cwd = cfg
         .work_dir
         .clone()
@@ -146,6 +167,7 @@ pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, Bundl
         cwd,
         mounts: all_binds,
         devices,
+        gpu_devices,
         cpus: cfg.cpus,
         memory: cfg.memory,
         cgroups_path: cgroups_path.clone(),
@@ -182,6 +204,72 @@ pub fn add_to_upper(upper: &Path, inner_path: &str, content: &[u8]) -> std::io::
     }
     std::fs::write(&target, content)?;
     std::os::unix::fs::chown(&target, Some(ID_MAP_HOST_START), Some(ID_MAP_HOST_START))
+}
+
+/// systemd needs `/etc/machine-id` to exist: without it, it stays in `starting` for minutes
+/// (sysbox.md §10.6). An empty file makes it generate a transient id at boot.
+pub const MACHINE_ID: &str = "/etc/machine-id";
+
+/// Whether the workspace needs an empty `/etc/machine-id` added: its init is systemd and the image
+/// has none.
+pub fn needs_machine_id(facts: &ImageFacts, rootfs: &Path) -> bool {
+    facts.init == crate::image::facts::SbinInit::Systemd
+        && !crate::image::facts::image_has(rootfs, MACHINE_ID)
+}
+
+/// Adds an empty `/etc/machine-id` through the mounted root (so into this start's writable layer)
+/// when [`needs_machine_id`]. The image itself is never changed; a failure is only a warning, as
+/// systemd still boots, slowly.
+pub fn add_machine_id(facts: &ImageFacts, rootfs: &Path) {
+    if !needs_machine_id(facts, rootfs) {
+        return;
+    }
+    match create_empty_in_root(rootfs, MACHINE_ID, (ID_MAP_HOST_START, ID_MAP_HOST_START)) {
+        Ok(()) => log::info!("the image has no {MACHINE_ID}; added an empty one for systemd"),
+        Err(e) => log::warn!(
+            "cannot add an empty {MACHINE_ID} for systemd ({e}); it may wait minutes in `starting`"
+        ),
+    }
+}
+
+/// Creates an empty file at `inner` inside `root`, resolving its parent directory inside the root
+/// (an image's symlinks cannot lead out of it) and never following or replacing an existing entry.
+fn create_empty_in_root(root: &Path, inner: &str, owner: (u32, u32)) -> std::io::Result<()> {
+    use rustix::fs::{self as rfs, Gid, Mode, OFlags, ResolveFlags, Uid};
+    let inner = Path::new(inner.trim_start_matches('/'));
+    let (parent, name) = match (inner.parent(), inner.file_name()) {
+        (Some(p), Some(n)) => (p, n),
+        _ => {
+            return Err(std::io::Error::other(format!(
+                "bad path {}",
+                inner.display()
+            )))
+        }
+    };
+    let root_fd = rfs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let dir = rfs::openat2(
+        &root_fd,
+        parent,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )?;
+    let fd = rfs::openat(
+        &dir,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o444),
+    )?;
+    rfs::fchown(
+        &fd,
+        Some(Uid::from_raw(owner.0)),
+        Some(Gid::from_raw(owner.1)),
+    )?;
+    Ok(())
 }
 
 /// Writes JSON readable by root only: config.json carries the agent token.
@@ -239,6 +327,30 @@ pub fn resolv_conf(pod: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn facts(init: crate::image::facts::SbinInit) -> ImageFacts {
+        ImageFacts {
+            user: crate::image::facts::UserInfo::default_root(),
+            has_init: init != crate::image::facts::SbinInit::Missing,
+            init,
+            os: Default::default(),
+        }
+    }
+
+    #[test]
+    fn machine_id_only_for_systemd_images_without_one() {
+        use crate::image::facts::SbinInit;
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("etc")).unwrap();
+        assert!(needs_machine_id(&facts(SbinInit::Systemd), root.path()));
+        assert!(!needs_machine_id(&facts(SbinInit::Missing), root.path()));
+        assert!(!needs_machine_id(
+            &facts(SbinInit::Other("/bin/busybox".into())),
+            root.path()
+        ));
+        std::fs::write(root.path().join("etc/machine-id"), "").unwrap();
+        assert!(!needs_machine_id(&facts(SbinInit::Systemd), root.path()));
+    }
 
     #[test]
     fn resolv_conf_drops_loopback_nameservers() {

@@ -15,7 +15,9 @@ use oci_spec::runtime::{
     PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
 };
 
+use crate::bundle::gpu::GpuDevice;
 use crate::config::MilliCpus;
+use crate::sys::NodeKind;
 
 pub const ID_MAP_HOST_START: u32 = 100_000;
 pub const ID_MAP_SIZE: u32 = 65_536;
@@ -118,14 +120,26 @@ pub enum WorkspaceInit {
     /// The image's systemd; sysbox recognises it only by this exact `args[0]`.
     Systemd,
     /// envbox's own reaper, bind-mounted read-only at this path inside the workspace.
-    Envbox { path_inside: String },
+    /// `grace`: how long it lets the workspace's processes finish after forwarding a stop signal.
+    Envbox {
+        path_inside: String,
+        grace_secs: u64,
+    },
 }
 
 impl WorkspaceInit {
     pub fn args(&self) -> Vec<String> {
         match self {
             WorkspaceInit::Systemd => vec!["/sbin/init".into()],
-            WorkspaceInit::Envbox { path_inside } => vec![path_inside.clone(), "init".into()],
+            WorkspaceInit::Envbox {
+                path_inside,
+                grace_secs,
+            } => vec![
+                path_inside.clone(),
+                "init".into(),
+                "--grace".into(),
+                grace_secs.to_string(),
+            ],
         }
     }
 }
@@ -139,6 +153,8 @@ pub struct WorkspaceSpec {
     pub cwd: String,
     pub mounts: Vec<BindMount>,
     pub devices: Vec<DeviceBind>,
+    /// NVIDIA nodes (CODER_ADD_GPU), bound from the pod's own nodes.
+    pub gpu_devices: Vec<GpuDevice>,
     pub cpus: Option<MilliCpus>,
     pub memory: Option<u64>,
     pub cgroups_path: String,
@@ -336,6 +352,28 @@ pub fn build(ws: &WorkspaceSpec) -> Result<Spec, SpecError> {
                 .build()?,
         );
     }
+    for d in &ws.gpu_devices {
+        device_rules.push(
+            LinuxDeviceCgroupBuilder::default()
+                .allow(true)
+                .typ(match d.kind {
+                    NodeKind::Char => LinuxDeviceType::C,
+                    NodeKind::Block => LinuxDeviceType::B,
+                })
+                .major(d.major)
+                .minor(d.minor)
+                .access("rwm")
+                .build()?,
+        );
+        mounts.push(
+            MountBuilder::default()
+                .destination(&d.path)
+                .typ("bind")
+                .source(&d.source)
+                .options(vec!["bind".to_string(), "rw".to_string()])
+                .build()?,
+        );
+    }
     resources = resources.devices(device_rules);
     if let Some(c) = ws.cpus {
         resources = resources.cpu(
@@ -399,6 +437,7 @@ mod tests {
             hostname: "ws".into(),
             init: WorkspaceInit::Envbox {
                 path_inside: "/.envbox/envbox".into(),
+                grace_secs: 24,
             },
             env: vec!["PATH=/bin".into(), "CODER_AGENT_TOKEN=t".into()],
             cwd: "/".into(),
@@ -417,6 +456,13 @@ mod tests {
                     host_path: "/state/dev/fuse".into(),
                 },
             ],
+            gpu_devices: vec![GpuDevice {
+                path: "/dev/nvidia0".into(),
+                source: "/dev/nvidia0".into(),
+                kind: NodeKind::Char,
+                major: 195,
+                minor: 0,
+            }],
             cpus: Some(MilliCpus(1500)),
             memory: Some(1 << 30),
             cgroups_path: "/envbox/ws-1".into(),
@@ -446,7 +492,7 @@ mod tests {
         assert_eq!(v["process"]["terminal"], false);
         assert_eq!(
             v["process"]["args"],
-            serde_json::json!(["/.envbox/envbox", "init"])
+            serde_json::json!(["/.envbox/envbox", "init", "--grace", "24"])
         );
         assert_eq!(v["process"]["rlimits"][0]["hard"], 20000);
         assert_eq!(v["hostname"], "ws");
@@ -467,6 +513,14 @@ mod tests {
             "nodes are bound, not created by the runtime"
         );
         let rules = v["linux"]["resources"]["devices"].as_array().unwrap();
+        assert!(rules
+            .iter()
+            .any(|r| r["major"] == 195 && r["minor"] == 0 && r["allow"] == true));
+        assert!(v["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["destination"] == "/dev/nvidia0"));
         assert!(rules
             .iter()
             .any(|r| r["major"] == 10 && r["minor"] == 200 && r["allow"] == true));

@@ -4,6 +4,12 @@
 //! the new file goes into the workspace's fresh overlay upper layer, and an existing file
 //! from the image is never rewritten.
 
+use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{self as rfs, AtFlags, Gid, Mode, OFlags, ResolveFlags, Uid};
+use rustix::io::Errno;
 use serde_json::Value;
 
 /// Path of dockerd's configuration inside the workspace.
@@ -66,5 +72,69 @@ pub fn inner_docker_daemon_json(existing: Option<&str>, mtu: u32) -> DaemonJsonD
             )),
             _ => DaemonJsonDecision::Keep,
         },
+    }
+}
+
+/// Writes `content` as `/etc/docker/daemon.json` of the mounted root filesystem `root`,
+/// owned by `owner` (the host ids of the workspace's root), creating `/etc/docker` when
+/// the image has none.
+///
+/// The write goes through the mounted root (an overlay: the kernel copies `/etc/docker`
+/// up into the writable layer), never into the overlay's upper directory behind its back,
+/// which overlayfs does not see reliably once the directory has been looked up. The image
+/// is untrusted: every path is resolved with `RESOLVE_IN_ROOT`, so a symlinked
+/// `/etc/docker` stays inside `root`, and the file is created with `O_EXCL`, so an
+/// existing file or link is never followed or rewritten.
+pub fn write_daemon_json(root: &Path, content: &str, owner: (u32, u32)) -> io::Result<()> {
+    let root_fd = rfs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let (uid, gid) = (Some(Uid::from_raw(owner.0)), Some(Gid::from_raw(owner.1)));
+    let mut dir = PathBuf::new();
+    let mut dir_fd = root_fd.try_clone()?;
+    let parent = Path::new(DAEMON_JSON_PATH.trim_start_matches('/'))
+        .parent()
+        .unwrap_or(Path::new(""));
+    for comp in parent.components() {
+        dir.push(comp);
+        dir_fd = match in_root(root_fd.as_fd(), &dir, OFlags::PATH | OFlags::DIRECTORY) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => {
+                let name = comp.as_os_str();
+                rfs::mkdirat(&dir_fd, name, Mode::from_raw_mode(0o755))?;
+                rfs::chownat(&dir_fd, name, uid, gid, AtFlags::SYMLINK_NOFOLLOW)?;
+                in_root(root_fd.as_fd(), &dir, OFlags::PATH | OFlags::DIRECTORY)?
+            }
+            Err(e) => return Err(e.into()),
+        };
+    }
+    let name = Path::new(DAEMON_JSON_PATH).file_name().unwrap_or_default();
+    let fd = rfs::openat(
+        &dir_fd,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    )?;
+    rfs::fchown(&fd, uid, gid)?;
+    let mut f = std::fs::File::from(fd);
+    f.write_all(content.as_bytes())?;
+    f.sync_all()
+}
+
+fn in_root(root: BorrowedFd<'_>, path: &Path, flags: OFlags) -> Result<OwnedFd, Errno> {
+    let mut tries = 0;
+    loop {
+        match rfs::openat2(
+            root,
+            path,
+            flags | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+        ) {
+            Err(Errno::AGAIN) if tries < 16 => tries += 1,
+            r => return r,
+        }
     }
 }

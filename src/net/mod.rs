@@ -38,7 +38,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-pub use daemon_json::{inner_docker_daemon_json, DaemonJsonDecision, DAEMON_JSON_PATH};
+pub use daemon_json::{
+    inner_docker_daemon_json, write_daemon_json, DaemonJsonDecision, DAEMON_JSON_PATH,
+};
 pub use netlink::NetlinkRoute;
 
 /// Pod interface whose MTU and route the workspace uses unless `CODER_ETHLINK` says otherwise.
@@ -64,17 +66,20 @@ pub enum NetError {
     #[error("invalid workspace network settings: {0}")]
     InvalidPlan(String),
     #[error(
-        "pod network interface {ifname:?} not found (no {path}); set {ETHLINK_VAR} (--ethlink) \
+        "pod network interface {ifname:?} not found ({detail}); set {ETHLINK_VAR} (--ethlink) \
          to the pod interface whose MTU the workspace should use"
     )]
-    UplinkMissing { ifname: String, path: PathBuf },
+    UplinkMissing { ifname: String, detail: String },
     #[error("read the MTU of pod interface {ifname:?} from {path}: {source}")]
     MtuRead {
         ifname: String,
         path: PathBuf,
         source: io::Error,
     },
-    #[error("MTU of pod interface {ifname:?} in {path} is not a number: {value:?}")]
+    #[error(
+        "MTU of pod interface {ifname:?} (from {path}) is not a usable MTU \
+         ({MIN_MTU}-{MAX_MTU}): {value:?}"
+    )]
     MtuParse {
         ifname: String,
         path: PathBuf,
@@ -322,9 +327,28 @@ fn validate_mtu(mtu: u32) -> Result<(), NetError> {
 // ---------------------------------------------------------------------------------------
 // MTU
 
-/// The MTU of a pod interface, from `/sys/class/net/<ifname>/mtu`.
+/// The MTU of a pod interface, asked over netlink in the caller's network namespace.
+///
+/// Not from `/sys/class/net`: sysfs shows the network namespace of whoever mounted it,
+/// which is not the pod's when `/sys` was not remounted in the pod (the node's `eth0`
+/// would then answer).
 pub fn uplink_mtu(ifname: &str) -> Result<u32, NetError> {
-    uplink_mtu_in(Path::new("/sys/class/net"), ifname)
+    validate_ifname(&format!("{ETHLINK_VAR} interface"), ifname)?;
+    let mtu = NetlinkRoute::open()?
+        .link_mtu(ifname)?
+        .ok_or_else(|| NetError::UplinkMissing {
+            ifname: ifname.to_string(),
+            detail: "no such link in the pod's network namespace".into(),
+        })?;
+    if (MIN_MTU..=MAX_MTU).contains(&mtu) {
+        Ok(mtu)
+    } else {
+        Err(NetError::MtuParse {
+            ifname: ifname.to_string(),
+            path: PathBuf::from("netlink"),
+            value: mtu.to_string(),
+        })
+    }
 }
 
 /// [`uplink_mtu`] below another sysfs `class/net` directory (tests).
@@ -337,7 +361,7 @@ pub fn uplink_mtu_in(class_net: &Path, ifname: &str) -> Result<u32, NetError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(NetError::UplinkMissing {
                 ifname: ifname.to_string(),
-                path: dir,
+                detail: format!("no {}", dir.display()),
             })
         }
         Err(source) => {

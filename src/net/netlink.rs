@@ -164,6 +164,23 @@ impl NetlinkRoute {
         Ok(())
     }
 
+    /// The MTU of link `name` in this namespace; `None` when there is no such link.
+    pub fn link_mtu(&mut self, name: &str) -> Result<Option<u32>, NetError> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        match self.request(RouteNetlinkMessage::GetLink(msg), 0) {
+            Ok(replies) => Ok(replies.into_iter().find_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => l.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::Mtu(mtu) => Some(*mtu),
+                    _ => None,
+                }),
+                _ => None,
+            })),
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(NetError::netlink("read the MTU of", name, e)),
+        }
+    }
+
     /// Names of all links by index.
     pub fn links(&mut self) -> Result<Vec<(u32, String)>, NetError> {
         let replies = self.link_request(

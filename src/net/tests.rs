@@ -444,16 +444,6 @@ fn uplink_mtu_from_a_sysfs_tree() {
 }
 
 #[test]
-fn uplink_mtu_of_loopback_on_this_machine() {
-    // `lo`'s MTU (65536) is not a veth MTU; a sysfs without `lo` reports it missing.
-    match uplink_mtu("lo") {
-        Err(NetError::MtuParse { value, .. }) => assert_eq!(value, "65536"),
-        Err(NetError::UplinkMissing { .. }) => {}
-        other => panic!("{other:?}"),
-    }
-}
-
-#[test]
 fn find_in_path_skips_missing_and_relative_dirs() {
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("iptables");
@@ -561,5 +551,74 @@ fn daemon_json_broken_or_empty_is_kept_with_a_warning() {
             }
             other => panic!("{existing:?}: {other:?}"),
         }
+    }
+}
+
+fn own_ids() -> (u32, u32) {
+    (
+        rustix::process::getuid().as_raw(),
+        rustix::process::getgid().as_raw(),
+    )
+}
+
+#[test]
+fn daemon_json_write_creates_etc_docker_in_the_root() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("etc")).unwrap();
+    write_daemon_json(root.path(), "{\"mtu\":1450}\n", own_ids()).unwrap();
+    let dir = root.path().join("etc/docker");
+    assert_eq!(
+        std::fs::metadata(&dir).unwrap().permissions().mode() & 0o7777,
+        0o755
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("daemon.json")).unwrap(),
+        "{\"mtu\":1450}\n"
+    );
+    // Into an existing /etc/docker too; an existing file is never rewritten.
+    let err = write_daemon_json(root.path(), "{}", own_ids()).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("daemon.json")).unwrap(),
+        "{\"mtu\":1450}\n"
+    );
+}
+
+#[test]
+fn daemon_json_write_never_leaves_the_root() {
+    let outside = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("etc")).unwrap();
+    // An image whose /etc/docker points at a host path: resolved inside the root.
+    std::os::unix::fs::symlink(outside.path(), root.path().join("etc/docker")).unwrap();
+    let inside = root.path().join(outside.path().strip_prefix("/").unwrap());
+    std::fs::create_dir_all(&inside).unwrap();
+    write_daemon_json(root.path(), "{\"mtu\":1400}\n", own_ids()).unwrap();
+    assert!(!outside.path().join("daemon.json").exists());
+    assert_eq!(
+        std::fs::read_to_string(inside.join("daemon.json")).unwrap(),
+        "{\"mtu\":1400}\n"
+    );
+
+    // A daemon.json that is a link to a host file is neither followed nor replaced.
+    let root2 = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root2.path().join("etc/docker")).unwrap();
+    let target = outside.path().join("victim");
+    std::os::unix::fs::symlink(&target, root2.path().join("etc/docker/daemon.json")).unwrap();
+    assert!(write_daemon_json(root2.path(), "{}", own_ids()).is_err());
+    assert!(!target.exists());
+}
+
+#[test]
+fn uplink_mtu_over_netlink() {
+    // `lo` exists in every network namespace; its MTU (65536) is no veth MTU.
+    match uplink_mtu("lo") {
+        Err(NetError::MtuParse { value, .. }) => assert_eq!(value, "65536"),
+        other => panic!("{other:?}"),
+    }
+    match uplink_mtu("ebx-no-such0") {
+        Err(NetError::UplinkMissing { ifname, .. }) => assert_eq!(ifname, "ebx-no-such0"),
+        other => panic!("{other:?}"),
     }
 }

@@ -7,11 +7,30 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::sys::ProcessOps;
+
+/// Gives `cmd` an empty signal mask. envbox blocks every signal (it reads them from a signalfd) and
+/// a child inherits that mask through `exec`; the runtime passes it on to the workspace's processes,
+/// where a blocked SIGUSR1, SIGPIPE or SIGALRM is never delivered (a trap on the image's StopSignal
+/// never ran, `yes | head` never ended).
+pub fn reset_signal_mask(cmd: &mut Command) {
+    // SAFETY: sigemptyset and pthread_sigmask are async-signal-safe and touch only a local set.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            libc::sigemptyset(set.as_mut_ptr());
+            match libc::pthread_sigmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut()) {
+                0 => Ok(()),
+                e => Err(std::io::Error::from_raw_os_error(e)),
+            }
+        });
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
@@ -113,6 +132,7 @@ impl Supervisor {
 
     /// Spawns under the reaper's lock, so even an instant exit is routed to this registration.
     pub fn spawn(&self, name: &str, cmd: &mut Command) -> io::Result<Child> {
+        reset_signal_mask(cmd);
         let mut st = self.lock();
         let child = cmd.spawn()?;
         st.children

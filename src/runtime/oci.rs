@@ -2,6 +2,7 @@
 //! sysbox-runc, runc and crun. Each call is a child of the supervisor, its output drained, its stderr
 //! quoted in errors; secrets never go on a command line (processes are described in files).
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -9,10 +10,70 @@ use std::time::{Duration, Instant};
 
 use crate::config::{RuntimeChoice, RuntimeKind};
 use crate::pid1::output::{drain, Tail};
-use crate::pid1::supervisor::{Exit, Supervisor};
+use crate::pid1::supervisor::{Exit, Supervisor, Wake};
 
 /// A runtime call that takes longer is stuck (a hung FUSE mount, a wedged sysbox-mgr).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// What a runtime call still gets once a stop is requested.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// Where a hybrid host mounts its cgroup v2 hierarchy next to the v1 controllers.
+const UNIFIED_MOUNT: &str = "/sys/fs/cgroup/unified";
+
+/// Whether the runtime must run with the hybrid layout's cgroup2 mount hidden. crun refuses hybrid
+/// hosts whose v2 hierarchy has controllers ("cgroups in hybrid mode not supported, drop all
+/// controllers from cgroupv2"); without that mount it sees a plain cgroup v1 host, which it supports,
+/// limits included. The layout test is crun's own: `/sys/fs/cgroup` is not cgroup2 and
+/// `/sys/fs/cgroup/unified` is.
+pub fn hides_unified_cgroup(
+    kind: RuntimeKind,
+    root: Option<crate::sys::FsKind>,
+    unified: Option<crate::sys::FsKind>,
+) -> bool {
+    use crate::sys::FsKind;
+    kind == RuntimeKind::Crun && root != Some(FsKind::Cgroup2) && unified == Some(FsKind::Cgroup2)
+}
+
+/// [`hides_unified_cgroup`] for this host.
+pub fn host_hides_unified_cgroup(kind: RuntimeKind) -> bool {
+    use crate::sys::fs_kind;
+    hides_unified_cgroup(
+        kind,
+        fs_kind(Path::new(crate::cgroup::CGROUP_ROOT)),
+        fs_kind(Path::new(UNIFIED_MOUNT)),
+    )
+}
+
+/// Makes `cmd` run in a private mount namespace without the hybrid layout's cgroup2 mount (the
+/// `unshare -m` wrapper of test-environment.md §4, done in the forked child so that no external tool
+/// is needed and the supervisor still spawns and reaps the runtime itself). envbox's own view is
+/// untouched.
+pub fn hide_unified_cgroup(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only makes raw system calls
+    // (unshare, mount, umount2) on static C strings: no allocation, no locks.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Nothing of what follows may propagate back to the pod's mount namespace.
+            if libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::umount2(c"/sys/fs/cgroup/unified".as_ptr(), libc::MNT_DETACH) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -43,11 +104,25 @@ pub struct OciRuntime {
     /// `--root`: where the runtime keeps container state.
     pub root: PathBuf,
     sup: Arc<Supervisor>,
+    /// Run every call with the hybrid layout's cgroup2 mount hidden (crun on hybrid hosts).
+    hide_unified: bool,
 }
 
 impl OciRuntime {
     pub fn new(choice: RuntimeChoice, root: PathBuf, sup: Arc<Supervisor>) -> Self {
-        OciRuntime { choice, root, sup }
+        let hide_unified = host_hides_unified_cgroup(choice.kind);
+        if hide_unified {
+            log::info!(
+                "{} runs with {UNIFIED_MOUNT} hidden: it refuses hybrid cgroup hosts and uses the v1 controllers without it",
+                choice.binary.display()
+            );
+        }
+        OciRuntime {
+            choice,
+            root,
+            sup,
+            hide_unified,
+        }
     }
 
     /// sysbox-runc keeps its state where sysbox-mgr expects it; the others under our state dir.
@@ -62,6 +137,10 @@ impl OciRuntime {
         let mut c = Command::new(&self.choice.binary);
         c.arg("--root").arg(&self.root);
         c.args(args);
+        if self.hide_unified {
+            hide_unified_cgroup(&mut c);
+        }
+        log::debug!("running {}", self.describe(args));
         c
     }
 
@@ -114,7 +193,7 @@ impl OciRuntime {
                 log::debug!("runtime {verb}: {l}")
             })
         });
-        let exit = match self.sup.wait_exit(pid, Some(Instant::now() + CALL_TIMEOUT)) {
+        let exit = match self.wait_call(pid) {
             Some(e) => e,
             None => {
                 let _ = self.sup.signal(pid, libc::SIGKILL);
@@ -141,6 +220,23 @@ impl OciRuntime {
     }
 
     /// Returns the tail of the container init's output, which keeps filling while it runs.
+    /// Waits for a runtime call, at most `CALL_TIMEOUT`; a stop request that arrives meanwhile
+    /// leaves it `STOP_GRACE` to finish, so a hung call cannot hold SIGTERM past the pod's grace period.
+    fn wait_call(&self, pid: i32) -> Option<Exit> {
+        let mut deadline = Instant::now() + CALL_TIMEOUT;
+        let mut seen = self.sup.stop_requests();
+        loop {
+            match self.sup.wait_event(&[pid], seen, Some(deadline)) {
+                Wake::Exited(..) => return self.sup.try_exit(pid),
+                Wake::Stop(n) => {
+                    seen = n;
+                    deadline = deadline.min(Instant::now() + STOP_GRACE);
+                }
+                Wake::Timeout => return None,
+            }
+        }
+    }
+
     pub fn create(&self, id: &str, bundle: &Path, pid_file: &Path) -> Result<Tail, RuntimeError> {
         let (b, p) = (bundle.display().to_string(), pid_file.display().to_string());
         self.call_keeping_output(
@@ -217,4 +313,26 @@ impl OciRuntime {
 pub enum ExecStdio {
     Piped,
     Inherit,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::FsKind;
+
+    #[test]
+    fn only_crun_on_a_hybrid_layout_hides_the_unified_mount() {
+        let (tmpfs, v2) = (Some(FsKind::Tmpfs), Some(FsKind::Cgroup2));
+        assert!(hides_unified_cgroup(RuntimeKind::Crun, tmpfs, v2));
+        // Pure cgroup v2, pure v1 (no unified mount), and the other runtimes: nothing to hide.
+        assert!(!hides_unified_cgroup(RuntimeKind::Crun, v2, None));
+        assert!(!hides_unified_cgroup(RuntimeKind::Crun, tmpfs, None));
+        assert!(!hides_unified_cgroup(
+            RuntimeKind::Crun,
+            tmpfs,
+            Some(FsKind::Other)
+        ));
+        assert!(!hides_unified_cgroup(RuntimeKind::Runc, tmpfs, v2));
+        assert!(!hides_unified_cgroup(RuntimeKind::SysboxRunc, tmpfs, v2));
+    }
 }
