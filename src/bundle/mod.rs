@@ -185,27 +185,6 @@ pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, Bundl
     })
 }
 
-/// Adds a file to this start's writable layer (the overlay upper directory), owned by the workspace's
-/// root. The upper directory is ours and fresh, so plain paths are safe in it.
-pub fn add_to_upper(upper: &Path, inner_path: &str, content: &[u8]) -> std::io::Result<()> {
-    let target = upper.join(inner_path.trim_start_matches('/'));
-    let mut missing = Vec::new();
-    let mut dir = target.parent();
-    while let Some(d) = dir {
-        if d == upper || d.exists() {
-            break;
-        }
-        missing.push(d.to_path_buf());
-        dir = d.parent();
-    }
-    for d in missing.iter().rev() {
-        std::fs::create_dir(d)?;
-        std::os::unix::fs::chown(d, Some(ID_MAP_HOST_START), Some(ID_MAP_HOST_START))?;
-    }
-    std::fs::write(&target, content)?;
-    std::os::unix::fs::chown(&target, Some(ID_MAP_HOST_START), Some(ID_MAP_HOST_START))
-}
-
 /// systemd needs `/etc/machine-id` to exist: without it, it stays in `starting` for minutes
 /// (sysbox.md §10.6). An empty file makes it generate a transient id at boot.
 pub const MACHINE_ID: &str = "/etc/machine-id";

@@ -393,6 +393,13 @@ pub fn build(ws: &WorkspaceSpec) -> Result<Spec, SpecError> {
         .namespaces(namespaces)
         .cgroups_path(PathBuf::from(&ws.cgroups_path))
         .resources(resources.build()?)
+        // oci-spec's default makes /proc/sys read-only, where the inner dockerd must enable IP
+        // forwarding in its own network namespace; these are the paths Docker keeps read-only.
+        .readonly_paths(
+            ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sysrq-trigger"]
+                .map(String::from)
+                .to_vec(),
+        )
         .masked_paths(
             [
                 "/proc/acpi",
@@ -497,6 +504,11 @@ mod tests {
         assert_eq!(v["process"]["rlimits"][0]["hard"], 20000);
         assert_eq!(v["hostname"], "ws");
         assert_eq!(v["root"]["readonly"], false);
+        let ro = v["linux"]["readonlyPaths"].as_array().unwrap();
+        assert!(
+            !ro.iter().any(|p| p == "/proc/sys"),
+            "dockerd needs /proc/sys: {ro:?}"
+        );
         let caps = v["process"]["capabilities"]["bounding"].as_array().unwrap();
         assert_eq!(caps.len(), ALL_CAPABILITIES.len());
         assert!(caps.iter().any(|c| c == "CAP_SYS_ADMIN"));

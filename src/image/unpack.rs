@@ -43,9 +43,9 @@
 //!   `opaque`) if the tree is used as a lower directory. Extended attributes on
 //!   symlinks, devices and FIFOs are skipped with a warning, because they can only be
 //!   set through a path (or by opening the device).
-//! * A version 3 `security.capability` (namespaced file capabilities) has its root id
-//!   shifted like any other owner, so the capability applies inside the container's
-//!   user namespace; version 2 capabilities are written as they are.
+//! * A version 2 `security.capability` becomes version 3 with the container root's host id, and a
+//!   version 3 one has its root id shifted like any other owner, so the capability applies inside the container's
+//!   user namespace.
 //! * Whiteouts (`.wh.NAME`) and opaque markers (`.wh..wh..opq`) are applied when met,
 //!   removing everything the layer has not itself written (tracked per layer), so
 //!   their position in the archive does not matter (except for a hard link of the same
@@ -1806,22 +1806,39 @@ impl<'r> Applier<'r> {
         }
     }
 
-    /// Shifts the root id of a version 3 (namespaced) file capability.
+    /// Makes a file capability effective inside the container's user namespace. The kernel honours a
+    /// capability there only when its root id is the namespace's root: a version 3 (namespaced)
+    /// capability gets its root id shifted like any owner, and a version 2 one (what `setcap` writes
+    /// as host root, e.g. Debian's `ping`) becomes version 3 with the container root's host id, as the
+    /// kernel itself converts it when root inside a user namespace sets it. Without a shift both stay.
     fn shift_capability(&self, value: &[u8]) -> Result<Option<Vec<u8>>, UnpackError> {
         const REVISION_MASK: u32 = 0xff00_0000;
+        const REVISION_2: u32 = 0x0200_0000;
         const REVISION_3: u32 = 0x0300_0000;
-        if value.len() != 24 {
+        if value.len() < 4 {
             return Ok(None);
         }
         let magic = u32::from_le_bytes([value[0], value[1], value[2], value[3]]);
-        if magic & REVISION_MASK != REVISION_3 {
-            return Ok(None);
+        match (magic & REVISION_MASK, value.len()) {
+            (REVISION_3, 24) => {
+                let rootid = u32::from_le_bytes([value[20], value[21], value[22], value[23]]);
+                let host = self.map_id("security.capability root id", u64::from(rootid))?;
+                let mut out = value.to_vec();
+                out[20..24].copy_from_slice(&host.to_le_bytes());
+                Ok(Some(out))
+            }
+            (REVISION_2, 20) => {
+                let host = self.map_id("security.capability root id", 0)?;
+                if host == 0 {
+                    return Ok(None);
+                }
+                let mut out = value.to_vec();
+                out[0..4].copy_from_slice(&((magic & !REVISION_MASK) | REVISION_3).to_le_bytes());
+                out.extend_from_slice(&host.to_le_bytes());
+                Ok(Some(out))
+            }
+            _ => Ok(None),
         }
-        let rootid = u32::from_le_bytes([value[20], value[21], value[22], value[23]]);
-        let host = self.map_id("security.capability root id", u64::from(rootid))?;
-        let mut out = value.to_vec();
-        out[20..24].copy_from_slice(&host.to_le_bytes());
-        Ok(Some(out))
     }
 
     /// Records `self.path` and its ancestors as written by this layer.
@@ -2491,9 +2508,14 @@ mod tests {
         assert_eq!(sg.gid(), 100_042);
         let ping = lmeta(&s.p("bin/ping"));
         assert_eq!(ping.mode() & 0o7777, 0o4755);
+        // Stored as a namespaced (v3) capability owned by the container's root, so it is honoured
+        // inside the user namespace.
+        let mut v3 = cap.clone();
+        v3[3] = 0x03;
+        v3.extend_from_slice(&100_000u32.to_le_bytes());
         assert_eq!(
             getxattr(&s.p("bin/ping"), "security.capability").as_deref(),
-            Some(&cap[..])
+            Some(&v3[..])
         );
         assert_eq!(
             getxattr(&s.p("bin/ping"), "trusted.overlay.redirect"),
@@ -3097,10 +3119,13 @@ mod tests {
         assert_eq!(copy.mode() & 0o7777, 0o4750);
         assert_eq!((copy.uid(), copy.gid()), (100_000, 100_007));
         assert_eq!(copy.mtime(), src.mtime());
+        // The copy keeps the capability as the lower layer stored it (namespaced, see shift_capability).
         assert_eq!(
-            getxattr(&top.join("ping2"), "security.capability").as_deref(),
-            Some(&cap[..])
+            getxattr(&top.join("ping2"), "security.capability"),
+            getxattr(&st.dirs[0].join("bin/ping"), "security.capability")
         );
+        assert!(getxattr(&top.join("ping2"), "security.capability")
+            .is_some_and(|c| c.len() == 24 && c[..4] != cap[..4]));
         assert_eq!(fs::read_link(top.join("sl2")).unwrap(), Path::new("ping"));
         assert_eq!(lmeta(&top.join("sl2")).uid(), 100_000);
         let fifo = lmeta(&top.join("fifo2"));
