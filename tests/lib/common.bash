@@ -11,7 +11,7 @@ EBX_CACHE_ROOT=${EBX_CACHE_ROOT:-/var/cache/envbox-test}
 EBX_PACKAGES=(
   runc crun skopeo umoci docker-registry docker.io containerd iptables nftables fuse-overlayfs
   busybox-static uidmap jq apache2-utils openssl debootstrap iproute2 procps curl ca-certificates
-  bats hyperfine bc strace python3 util-linux coreutils buildah python3-yaml
+  bats hyperfine bc strace python3 util-linux coreutils buildah python3-yaml libcap2-bin tar
 )
 
 ebx_log() {
