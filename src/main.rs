@@ -391,7 +391,10 @@ fn start_workspace(
     )
     .map_err(|e| {
         on_error(&rootfs);
-        failed(&e)
+        match e {
+            runtime::oci::RuntimeError::Interrupted { .. } => Abort::Stopped,
+            e => failed(&e),
+        }
     })?;
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let dirs = cgroup::workspace_dirs(&cgroup::hierarchies(&mountinfo), &bundle.cgroups_path);

@@ -125,7 +125,14 @@ impl Workspace {
     ) -> Result<Workspace, RuntimeError> {
         let pid_file = state_dir.join("workspace.pid");
         let _ = std::fs::remove_file(&pid_file);
-        let init_output = runtime.create(id, &bundle.dir, &pid_file)?;
+        let init_output = match runtime.create(id, &bundle.dir, &pid_file) {
+            Ok(t) => t,
+            Err(e) => {
+                // A create that failed or was cut short may have left the container half made.
+                let _ = runtime.delete(id, true);
+                return Err(e);
+            }
+        };
         let pid = read_pid(&pid_file).ok_or_else(|| RuntimeError::Failed {
             command: format!("{} create {id}", runtime.choice.binary.display()),
             exit: Exit::Code(0),
@@ -366,10 +373,22 @@ pub fn process_spec(
     terminal: bool,
 ) -> Result<Process, crate::bundle::spec::SpecError> {
     let caps = capabilities()?;
-    let mut c = LinuxCapabilitiesBuilder::default().bounding(caps.clone());
-    if user.uid == 0 {
-        c = c.effective(caps.clone()).permitted(caps);
-    }
+    // Explicitly empty sets for other users: left out, runtimes fill in their defaults (CAP_KILL,
+    // CAP_NET_BIND_SERVICE, CAP_AUDIT_WRITE) where `docker exec` as a user gives none.
+    let none = std::collections::HashSet::new();
+    let c = if user.uid == 0 {
+        LinuxCapabilitiesBuilder::default()
+            .bounding(caps.clone())
+            .effective(caps.clone())
+            .permitted(caps)
+    } else {
+        LinuxCapabilitiesBuilder::default()
+            .bounding(caps)
+            .effective(none.clone())
+            .permitted(none.clone())
+            .inheritable(none.clone())
+            .ambient(none)
+    };
     Ok(ProcessBuilder::default()
         .terminal(terminal)
         .user(

@@ -194,12 +194,19 @@ impl OciRuntime {
             })
         });
         let exit = match self.wait_call(pid) {
-            Some(e) => e,
-            None => {
+            Ok(e) => e,
+            Err(stopped) => {
                 let _ = self.sup.signal(pid, libc::SIGKILL);
-                return Err(RuntimeError::Timeout {
-                    command,
-                    secs: CALL_TIMEOUT.as_secs(),
+                let _ = self
+                    .sup
+                    .wait_exit(pid, Some(Instant::now() + Duration::from_secs(2)));
+                return Err(if stopped {
+                    RuntimeError::Interrupted { command }
+                } else {
+                    RuntimeError::Timeout {
+                        command,
+                        secs: CALL_TIMEOUT.as_secs(),
+                    }
                 });
             }
         };
@@ -222,17 +229,20 @@ impl OciRuntime {
     /// Returns the tail of the container init's output, which keeps filling while it runs.
     /// Waits for a runtime call, at most `CALL_TIMEOUT`; a stop request that arrives meanwhile
     /// leaves it `STOP_GRACE` to finish, so a hung call cannot hold SIGTERM past the pod's grace period.
-    fn wait_call(&self, pid: i32) -> Option<Exit> {
+    /// `Err(true)`: cut short by a stop request; `Err(false)`: hung past `CALL_TIMEOUT`.
+    fn wait_call(&self, pid: i32) -> Result<Exit, bool> {
         let mut deadline = Instant::now() + CALL_TIMEOUT;
         let mut seen = self.sup.stop_requests();
+        let mut stopped = false;
         loop {
             match self.sup.wait_event(&[pid], seen, Some(deadline)) {
-                Wake::Exited(..) => return self.sup.try_exit(pid),
+                Wake::Exited(..) => return self.sup.try_exit(pid).ok_or(stopped),
                 Wake::Stop(n) => {
                     seen = n;
+                    stopped = true;
                     deadline = deadline.min(Instant::now() + STOP_GRACE);
                 }
-                Wake::Timeout => return None,
+                Wake::Timeout => return Err(stopped),
             }
         }
     }
