@@ -78,6 +78,7 @@ fn pull(a: &cli::PullArgs) -> ExitCode {
     init_logging(config::parse_bool("CODER_DEBUG", &a.debug).unwrap_or(false));
     let log = BuildLog::stderr();
     let say = |m: &str| log.info(m);
+    let started = Instant::now();
     let outcome = image::pull(&cfg, None, &AtomicBool::new(false), &say).and_then(|o| {
         let cache = image::rootfs::LayerCache::open(&cfg.cache_dir)?;
         cache.ensure_all(&image::layer_blobs(&o.pulled))?;
@@ -91,7 +92,7 @@ fn pull(a: &cli::PullArgs) -> ExitCode {
                 cfg.reference,
                 image::total_size(&o.pulled) >> 20,
                 o.pulled.image.layers.len(),
-                o.elapsed.as_secs_f64()
+                started.elapsed().as_secs_f64()
             ));
             log.done();
             ExitCode::SUCCESS

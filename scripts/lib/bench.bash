@@ -372,9 +372,11 @@ bench_envbox_start() {
   pod_wait_ready 60 || ebx_die "envbox: no done line"
   bench_record "$mode.envbox_s" "$(bench_sub "$t0" "$stamp")"
   bench_record "$mode.envbox_done_s" "$(bench_sub "$t0" "$(bench_done_epoch "$log")")"
-  bench_record "$mode.envbox_pull_s" "$(bench_log_seconds "$log" '^Pulled ')"
-  bench_record "$mode.envbox_prep_s" "$(bench_log_seconds "$log" '^Prepared the root filesystem')"
   bench_record "$mode.envbox_reported_s" "$(bench_log_seconds "$log" '^Workspace started in')"
+  local phase secs
+  while read -r phase secs; do
+    bench_record "$mode.envbox_phase_${phase}_s" "$secs"
+  done < <(python3 "$EBX_REPO_ROOT/scripts/lib/bench_phases.py" "$log" "$t0" "$stamp")
 }
 
 # One cold and one warm start of envbox on a fresh pod, memory once running, the shutdown of each.
@@ -390,6 +392,8 @@ bench_envbox_run() {
   bench_envbox_start warm
   pod_stop TERM 60 || ebx_die "envbox did not stop"
   bench_record stop.envbox_debian_s "$POD_STOP_SECONDS"
+  mkdir -p "$BENCH_OUT/logs"
+  cat "$POD_DIR"/envbox*.log >"$BENCH_OUT/logs/envbox-run${BENCH_RUN:-0}.log" 2>/dev/null || true
   bench_bury "$POD_DIR/cache"
   local t0
   t0=$(bench_now)
