@@ -14,8 +14,10 @@ use crate::pid1::supervisor::{Exit, Supervisor, Wake};
 
 /// A runtime call that takes longer is stuck (a hung FUSE mount, a wedged sysbox-mgr).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// What a runtime call still gets once a stop is requested.
-const STOP_GRACE: Duration = Duration::from_secs(3);
+/// What a runtime call still gets once a stop is requested: enough for any healthy `create` (a
+/// killed `create` leaves a container without state that `delete` cannot clean), short enough that a
+/// hung one cannot hold SIGTERM past the pod's grace period.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Where a hybrid host mounts its cgroup v2 hierarchy next to the v1 controllers.
 const UNIFIED_MOUNT: &str = "/sys/fs/cgroup/unified";
