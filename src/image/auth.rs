@@ -130,15 +130,8 @@ impl ExecHelper {
         let name = format!("docker-credential-{helper}");
         std::env::split_paths(&path)
             .map(|d| d.join(&name))
-            .find(|p| is_executable(p))
+            .find(|p| crate::config::is_executable(p))
     }
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
 }
 
 struct HelperResult {

@@ -450,7 +450,11 @@ fn find_in_path_skips_missing_and_relative_dirs() {
     std::fs::write(&bin, "#!/bin/sh\n").unwrap();
     let path = format!("relative:/nonexistent:{}", dir.path().display());
     assert_eq!(find_in_path("iptables", &path), None, "not executable");
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        &bin,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
+    )
+    .unwrap();
     assert_eq!(
         find_in_path("iptables", &path),
         Some(bin.to_string_lossy().into_owned())
