@@ -12,6 +12,8 @@ EBX_PACKAGES=(
   runc crun skopeo umoci docker-registry docker.io containerd iptables nftables fuse-overlayfs
   busybox-static uidmap jq apache2-utils openssl debootstrap iproute2 procps curl ca-certificates
   bats hyperfine bc strace python3 util-linux coreutils buildah python3-yaml libcap2-bin tar
+  # The cgroup v2 VM tier (tests/vm/run): qemu, Debian's cloud kernel and what builds the guest's disk.
+  qemu-system-x86 linux-image-cloud-amd64 cpio kmod file e2fsprogs fuse3 netbase hostname
 )
 
 ebx_log() {

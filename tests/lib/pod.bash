@@ -53,11 +53,69 @@ pod_cgroup_hierarchies() {
     }' /proc/self/cgroup /proc/self/mountinfo
 }
 
+# Enables every controller a v2 cgroup has for its children.
+pod_enable_controllers() {
+  local c
+  for c in $(<"$1/cgroup.controllers"); do echo "+$c" >"$1/cgroup.subtree_control"; done
+}
+
+# POD_CGROUP_LAYOUT=kubelet-v2 (cgroup v2 machines only): the pod's cgroup where a kubelet with the systemd
+# driver and containerd put a container, controllers enabled down the path, CPU and memory limits on the pod
+# slice and the container scope (POD_CPU_MAX, POD_MEMORY_MAX). Sets POD_CGROUP (absolute) and
+# POD_CGROUP_REL (as /proc/PID/cgroup of a process outside the pod shows it).
+pod_make_kubelet_cgroups() {
+  local uid rel p part
+  uid=$(tr - _ </proc/sys/kernel/random/uuid)
+  rel=kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod$uid.slice
+  p=/sys/fs/cgroup
+  for part in ${rel//\// }; do
+    pod_enable_controllers "$p"
+    p=$p/$part
+    mkdir -p "$p"
+  done
+  pod_enable_controllers "$p"
+  echo "${POD_CPU_MAX:-200000 100000}" >"$p/cpu.max"
+  echo "${POD_MEMORY_MAX:-1610612736}" >"$p/memory.max"
+  # The pod slice goes when the pod does; the shared kubepods slices stay, as on a node.
+  echo "$p" >"$POD_SLOT_DIR/cgroup-parents"
+  echo "/sys/fs/cgroup cgroup2 kubelet" >"$POD_SLOT_DIR/hierarchies"
+  pod_make_kubelet_container_cgroup
+}
+
+# A new container of the pod (its first, or a restart after the runtime removed the last one): a fresh
+# cri-containerd-<id>.scope under the pod slice.
+pod_make_kubelet_container_cgroup() {
+  local slice id
+  slice=$(<"$POD_SLOT_DIR/cgroup-parents")
+  id=$(head -c 32 /dev/urandom | sha256sum | cut -c1-64)
+  POD_CGROUP=$slice/cri-containerd-$id.scope
+  POD_CGROUP_REL=${POD_CGROUP#/sys/fs/cgroup}
+  export POD_CGROUP POD_CGROUP_REL
+  mkdir "$POD_CGROUP"
+  echo "${POD_CPU_MAX:-200000 100000}" >"$POD_CGROUP/cpu.max"
+  echo "${POD_MEMORY_MAX:-1610612736}" >"$POD_CGROUP/memory.max"
+  echo "$POD_CGROUP" >"$POD_SLOT_DIR/cgroups"
+}
+
+# What happens between two containers of one pod on a node: the runtime removes the dead container's cgroup
+# tree (children first, as runc does; it fails while any process is left in it), the kubelet makes the next.
+pod_kubelet_restart_container() {
+  pod_remove_cgroup_tree "$POD_CGROUP" || {
+    echo "the runtime cannot remove $POD_CGROUP: $(find "$POD_CGROUP" -name cgroup.procs -exec cat {} +)" >&2
+    return 1
+  }
+  pod_make_kubelet_container_cgroup
+}
+
 # Creates the pod's cgroup in every hierarchy and records the dirs (one per line) in the slot record.
 pod_make_cgroups() {
   local mp fstype super path dir
   : >"$POD_SLOT_DIR/cgroups"
   : >"$POD_SLOT_DIR/hierarchies"
+  if [[ ${POD_CGROUP_LAYOUT:-} == kubelet-v2 ]]; then
+    pod_make_kubelet_cgroups
+    return
+  fi
   while read -r mp fstype super path; do
     dir=$mp${path%/}/$POD_NS
     mkdir "$dir"
@@ -111,8 +169,21 @@ pod_write_init() {
   {
     echo '#!/bin/sh'
     echo 'set -e'
-    echo 'mount -t tmpfs -o mode=755,nosuid,nodev,noexec cgroup-view /sys/fs/cgroup'
+    if [[ ${POD_CGROUP_LAYOUT:-} == kubelet-v2 ]]; then
+      # As runc starts a container on a v2 node: PID 1 alone in the container's cgroup (nothing of the
+      # runtime stays there), then a cgroup namespace rooted at it, and cgroup2 mounted rw inside that
+      # namespace, as containerd mounts it for a privileged container.
+      echo 'if [ -z "${EBX_POD_CGROUPNS:-}" ]; then'
+      echo "  echo \$\$ >'$POD_CGROUP/cgroup.procs'"
+      echo '  EBX_POD_CGROUPNS=1 exec unshare --cgroup sh "$0" "$@"'
+      echo 'fi'
+      echo 'umount -l /sys/fs/cgroup'
+      echo 'mount -t cgroup2 -o rw,nosuid,nodev,noexec,relatime cgroup2 /sys/fs/cgroup'
+    else
+      echo 'mount -t tmpfs -o mode=755,nosuid,nodev,noexec cgroup-view /sys/fs/cgroup'
+    fi
     while read -r mp fstype super; do
+      [[ $super != kubelet ]] || continue
       echo "mkdir -p '$mp'"
       if [[ $fstype == cgroup2 ]]; then
         echo "mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 '$mp'"
@@ -210,11 +281,16 @@ pod_start() {
   # The runner joins the pod cgroups, then becomes unshare (nsenter execs it), whose --fork child is the
   # wrapper and then envbox. It records the exit status, which is envbox's (unshare relays it). fd 3 is
   # closed so bats does not wait for the pod's output.
+  local cgroupns=(--cgroup)
+  # kubelet-v2: the pod's PID 1 joins its cgroup and makes the cgroup namespace itself (pod_write_init).
+  [[ ${POD_CGROUP_LAYOUT:-} != kubelet-v2 ]] || cgroupns=()
   (
-    while read -r dir; do echo "$BASHPID" >"$dir/cgroup.procs"; done <"$POD_SLOT_DIR/cgroups"
+    if ((${#cgroupns[@]})); then
+      while read -r dir; do echo "$BASHPID" >"$dir/cgroup.procs"; done <"$POD_SLOT_DIR/cgroups"
+    fi
     rc=0
     nsenter --net="/run/netns/$POD_NS" \
-      unshare --pid --fork --mount --uts --ipc --cgroup --mount-proc --propagation private \
+      unshare --pid --fork --mount --uts --ipc "${cgroupns[@]}" --mount-proc --propagation private \
       sh "$POD_DIR/pod-init.sh" env -i "${envv[@]}" "$ENVBOX_BIN" docker || rc=$?
     echo "$rc" >"$POD_DIR/exit-status"
   ) </dev/null >>"$POD_DIR/envbox.log" 2>&1 3>&- &
@@ -301,7 +377,22 @@ pod_wait_ready() {
 
 pod_exec() {
   [[ -n ${POD_PID:-} ]] || { echo "pod_exec: the pod has no running PID 1" >&2; return 1; }
+  if [[ ${POD_CGROUP_LAYOUT:-} == kubelet-v2 ]]; then
+    # As the node's runc places a `kubectl exec` process: into the container's cgroup, or, once that has
+    # controllers enabled for children (EBUSY), into the cgroup of the container's PID 1.
+    (
+      echo "$BASHPID" >"$POD_CGROUP/cgroup.procs" 2>/dev/null ||
+        echo "$BASHPID" >"/sys/fs/cgroup$(pod_cgroup_of "$POD_PID")/cgroup.procs"
+      exec nsenter -t "$POD_PID" -a "$@"
+    )
+    return
+  fi
   nsenter -t "$POD_PID" -a "$@"
+}
+
+# The cgroup v2 path of PID as this shell's cgroup namespace shows it.
+pod_cgroup_of() {
+  awk -F: '$1 == "0" {print $3}' "/proc/$1/cgroup"
 }
 
 pod_workspace_pid() {
@@ -435,6 +526,11 @@ pod_destroy_slot() {
       [[ -d $mp ]] || continue
       ebx_wait_for 5 pod_remove_cgroup_tree "$mp" || { echo "could not remove cgroup $mp" >&2; rc=1; }
     done <"$slot/cgroups"
+  fi
+  if [[ -f $slot/cgroup-parents ]]; then
+    while read -r mp; do
+      [[ ! -d $mp ]] || rmdir "$mp" || { echo "could not remove cgroup $mp" >&2; rc=1; }
+    done <"$slot/cgroup-parents"
   fi
 
   if [[ -n $ns && -e /run/netns/$ns ]]; then

@@ -113,7 +113,7 @@ world_registry_answers() {
 }
 
 world_write_registry_config() {
-  local dir=$1
+  local dir=$1 data=${2:-$1/data}
   mkdir -p "$dir"/{certs,data,certdir}
   openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=$EBX_REGISTRY_ADDR" \
     -keyout "$dir/certs/domain.key" -out "$dir/certs/domain.crt" \
@@ -127,7 +127,7 @@ log:
   level: info
 storage:
   filesystem:
-    rootdirectory: $dir/data
+    rootdirectory: $data
   delete:
     enabled: true
 http:
@@ -176,7 +176,9 @@ world_start() {
   ip -n "$EBX_UPSTREAM_NS" addr add "$EBX_REGISTRY_ADDR/32" dev "$hostdev"
   ip -n "$EBX_UPSTREAM_NS" link set "$hostdev" up
 
-  world_write_registry_config "$EBX_WORLD_DIR/registry"
+  # EBX_REGISTRY_SEED: the storage of a registry another world filled (the VM tier's guest gets the host's),
+  # with a pushed-NAME marker per image, so nothing is built or pushed again.
+  world_write_registry_config "$EBX_WORLD_DIR/registry" ${EBX_REGISTRY_SEED:+"$EBX_REGISTRY_SEED/data"}
   # A plain command (not the world_in_upstream function), so that $! is the registry itself:
   # bash execs nsenter, which execs docker-registry.
   nsenter --net="/run/netns/$EBX_UPSTREAM_NS" docker-registry serve "$EBX_WORLD_DIR/registry/config.yml" \
@@ -188,8 +190,12 @@ world_start() {
   }
 
   local layout
-  layout=$(world_cached_image busybox "$EBX_IMAGES_DIR/busybox.sh")
-  world_push_image "$layout" test/busybox:1
+  if [[ -n ${EBX_REGISTRY_SEED:-} ]]; then
+    cp "$EBX_REGISTRY_SEED"/pushed-* "$EBX_WORLD_DIR/registry/" 2>/dev/null || true
+  else
+    layout=$(world_cached_image busybox "$EBX_IMAGES_DIR/busybox.sh")
+    world_push_image "$layout" test/busybox:1
+  fi
   ebx_log "world: registry $EBX_REGISTRY ready with test/busybox:1"
 }
 
