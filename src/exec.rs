@@ -26,6 +26,7 @@ pub fn run(a: &ExecArgs) -> ExitCode {
 enum Never {}
 
 fn exec(a: &ExecArgs) -> Result<Never, String> {
+    join_pod_leaf();
     let state_dir = a
         .state_dir
         .as_deref()
@@ -137,6 +138,24 @@ fn resolve_user(rootfs: &std::path::Path, u: &str) -> Result<UserInfo, String> {
         info.gid = g;
     }
     Ok(info)
+}
+
+/// See [`crate::cgroup::join_pod_leaf`]; a failure only costs the explicit placement.
+fn join_pod_leaf() {
+    use crate::cgroup;
+    let root = std::path::Path::new(cgroup::CGROUP_ROOT);
+    if crate::sys::fs_kind(root) != Some(crate::sys::FsKind::Cgroup2) {
+        return;
+    }
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    if let Some(own) = cgroup::own_v2_cgroup(&own) {
+        if let Err(e) = cgroup::join_pod_leaf(&crate::sys::real::RealKernel, root, own) {
+            eprintln!(
+                "envbox exec: cannot move into the pod's cgroup {}: {e}",
+                cgroup::POD_LEAF
+            );
+        }
+    }
 }
 
 #[cfg(test)]

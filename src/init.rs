@@ -11,11 +11,13 @@
 //! processes expect it (a server that stops on SIGQUIT or SIGUSR1). The same signal sent by a process
 //! inside the workspace (`kill -USR1 1`) is ignored, as before.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 
+use crate::cgroup;
 use crate::pid1::signals;
 
 /// What the init does with one received signal.
@@ -56,6 +58,7 @@ pub fn run(grace: Duration) -> i32 {
         eprintln!("envbox init: cannot block signals: {e}");
         return 1;
     }
+    settle_cgroup();
     let fd = match SignalFd::with_flags(&signals::handled_set(), SfdFlags::SFD_CLOEXEC) {
         Ok(s) => s,
         Err(e) => {
@@ -77,6 +80,24 @@ pub fn run(grace: Duration) -> i32 {
             Action::Stop(sig) => return stop(sig, grace),
             Action::Ignore => {}
         }
+    }
+}
+
+/// On cgroup v2, before anything else runs in the workspace (see [`cgroup::settle_workspace_init`]).
+/// A failure is reported, not fatal: the workspace still works, only nested limits do not.
+fn settle_cgroup() {
+    let root = Path::new(cgroup::CGROUP_ROOT);
+    if crate::sys::fs_kind(root) != Some(crate::sys::FsKind::Cgroup2) {
+        return;
+    }
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let Some(own) = cgroup::own_v2_cgroup(&own) else {
+        return;
+    };
+    if let Err(e) = cgroup::settle_workspace_init(&crate::sys::real::RealKernel, root, own) {
+        eprintln!(
+            "envbox init: preparing the workspace's cgroup tree: {e}; containers started inside get no memory or io limits"
+        );
     }
 }
 

@@ -152,7 +152,9 @@ fn docker(a: &cli::DockerArgs) -> ExitCode {
     // later, which spawn every child; only the Coder log sender (which spawns nothing) predates it.
     if cgroup::detect_layout() == cgroup::Layout::Unified {
         if let Err(e) =
-            cgroup::delegate_pod_cgroup(&kernel, std::path::Path::new(cgroup::CGROUP_ROOT))
+            cgroup::delegate_pod_cgroup(&kernel, std::path::Path::new(cgroup::CGROUP_ROOT), &|| {
+                std::fs::read_to_string("/proc/self/mountinfo")
+            })
         {
             return fail(
                 &log,

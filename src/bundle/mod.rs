@@ -266,9 +266,22 @@ pub fn write_private_json<T: serde::Serialize>(path: &Path, value: &T) -> std::i
 }
 
 /// RLIMIT_NOFILE cannot exceed the pod's hard limit: raising it needs CAP_SYS_RESOURCE in the initial
-/// user namespace, which the workspace never has.
+/// user namespace, which the workspace never has. A privileged pod's envbox has it, so it first raises
+/// its own hard limit (engines give pods 1024–4096, and systemd's dbus-daemon then fails to raise its
+/// own and the workspace boots degraded); without the capability the pod's limit stays.
 fn nofile_limit() -> u64 {
-    match rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let current = getrlimit(Resource::Nofile);
+    if current.maximum.is_some_and(|hard| hard < WANTED_NOFILE) {
+        let raised = Rlimit {
+            current: current.current,
+            maximum: Some(WANTED_NOFILE),
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            log::debug!("raising envbox's RLIMIT_NOFILE to {WANTED_NOFILE}: {e}");
+        }
+    }
+    match getrlimit(Resource::Nofile).maximum {
         Some(hard) if hard < WANTED_NOFILE => {
             log::info!("RLIMIT_NOFILE for the workspace is {hard}, the pod's hard limit (dockerd would use {WANTED_NOFILE})");
             hard

@@ -224,6 +224,17 @@ fn system_mounts(systemd: bool) -> Result<Vec<Mount>, SpecError> {
         )?,
     ];
     if systemd {
+        // systemd mounts debugfs and tracefs at boot, which a user namespace may not: the units fail
+        // and the workspace comes up "degraded". An empty read-only tmpfs already mounted there makes
+        // systemd see the units as active and leave them alone.
+        for dir in ["/sys/kernel/debug", "/sys/kernel/tracing"] {
+            m.push(mount(
+                dir,
+                "tmpfs",
+                "tmpfs",
+                &["ro", "nosuid", "nodev", "noexec", "size=4k"],
+            )?);
+        }
         // systemd expects tmpfs on /run and /run/lock, as sysbox would add for it.
         m.push(mount(
             "/run",

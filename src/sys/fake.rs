@@ -76,6 +76,7 @@ pub enum Call {
         score: i32,
     },
     Mkdir(PathBuf),
+    Rmdir(PathBuf),
     UnshareCgroupNs,
     MountCgroup2(PathBuf),
 }
@@ -179,6 +180,10 @@ impl Kernel for RecordingKernel {
     }
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
         self.record(Call::Mkdir(path.into()));
+        Ok(())
+    }
+    fn remove_dir(&self, path: &Path) -> io::Result<()> {
+        self.record(Call::Rmdir(path.into()));
         Ok(())
     }
     fn unshare_cgroup_namespace(&self) -> io::Result<()> {

@@ -50,6 +50,8 @@ pub trait Kernel: Send + Sync {
     fn chmod(&self, path: &Path, mode: u32) -> io::Result<()>;
     fn write_file(&self, path: &Path, contents: &[u8]) -> io::Result<()>;
     fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// `rmdir`: how an empty cgroup is removed.
+    fn remove_dir(&self, path: &Path) -> io::Result<()>;
     /// A new cgroup namespace for the calling thread (and the children it spawns afterwards).
     fn unshare_cgroup_namespace(&self) -> io::Result<()>;
     fn mount_cgroup2(&self, target: &Path) -> io::Result<()>;

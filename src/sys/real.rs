@@ -175,6 +175,15 @@ impl Kernel for RealKernel {
         })
     }
 
+    fn remove_dir(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_dir(path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("remove directory {}: {e}", path.display()),
+            )
+        })
+    }
+
     fn unshare_cgroup_namespace(&self) -> io::Result<()> {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP).map_err(|e| {
             io::Error::new(
