@@ -173,8 +173,10 @@ pod_write_init() {
       # As runc starts a container on a v2 node: PID 1 alone in the container's cgroup (nothing of the
       # runtime stays there), then a cgroup namespace rooted at it, and cgroup2 mounted rw inside that
       # namespace, as containerd mounts it for a privileged container.
+      # shellcheck disable=SC2016 # expanded by the pod's init
       echo 'if [ -z "${EBX_POD_CGROUPNS:-}" ]; then'
       echo "  echo \$\$ >'$POD_CGROUP/cgroup.procs'"
+      # shellcheck disable=SC2016 # expanded by the pod's init
       echo '  EBX_POD_CGROUPNS=1 exec unshare --cgroup sh "$0" "$@"'
       echo 'fi'
       echo 'umount -l /sys/fs/cgroup'

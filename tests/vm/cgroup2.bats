@@ -1,5 +1,6 @@
 #!/usr/bin/env bats
 # shellcheck disable=SC2030,SC2031,SC2154 # bats sets output/stderr/status inside run
+# shellcheck disable=SC2016 # the bootstrap scripts are expanded inside the workspace
 # cgroup v2 (issue #14), inside the qemu guest of tests/vm/run: every pod is made the way a kubelet with
 # containerd makes one on a v2 node (POD_CGROUP_LAYOUT=kubelet-v2 in pod.bash): its cgroup deep under
 # kubepods.slice with cpu.max and memory.max set, a private cgroup namespace, cgroup2 mounted rw at
