@@ -101,11 +101,7 @@ pub fn delegate_pod_cgroup(
 pub fn settle_into_leaf(kernel: &dyn Kernel, root: &Path, leaf: &str) -> std::io::Result<()> {
     let leaf_dir = root.join(leaf);
     kernel.create_dir_all(&leaf_dir)?;
-    let controllers = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
-    let enable: String = controllers
-        .split_whitespace()
-        .map(|c| format!("+{c} "))
-        .collect();
+    let enable = controllers_to_enable(root).unwrap_or_default();
     let mut last_err = None;
     for _ in 0..MAX_ATTEMPTS {
         let procs = std::fs::read_to_string(root.join("cgroup.procs")).unwrap_or_default();
@@ -116,10 +112,7 @@ pub fn settle_into_leaf(kernel: &dyn Kernel, root: &Path, leaf: &str) -> std::io
         if enable.is_empty() {
             return Ok(());
         }
-        match kernel.write_file(
-            &root.join("cgroup.subtree_control"),
-            enable.trim_end().as_bytes(),
-        ) {
+        match kernel.write_file(&root.join("cgroup.subtree_control"), enable.as_bytes()) {
             Ok(()) => return Ok(()),
             Err(e) => last_err = Some(e),
         }
@@ -213,18 +206,21 @@ pub fn settle_workspace_init(
 }
 
 fn enable_all_controllers(kernel: &dyn Kernel, root: &Path) -> std::io::Result<()> {
-    let controllers = std::fs::read_to_string(root.join("cgroup.controllers"))?;
-    let enable: Vec<String> = controllers
-        .split_whitespace()
-        .map(|c| format!("+{c}"))
-        .collect();
+    let enable = controllers_to_enable(root)?;
     if enable.is_empty() {
         return Ok(());
     }
-    kernel.write_file(
-        &root.join("cgroup.subtree_control"),
-        enable.join(" ").as_bytes(),
-    )
+    kernel.write_file(&root.join("cgroup.subtree_control"), enable.as_bytes())
+}
+
+/// `+cpu +memory ...`: every controller `root` has, as `cgroup.subtree_control` takes them.
+fn controllers_to_enable(root: &Path) -> std::io::Result<String> {
+    let controllers = std::fs::read_to_string(root.join("cgroup.controllers"))?;
+    Ok(controllers
+        .split_whitespace()
+        .map(|c| format!("+{c}"))
+        .collect::<Vec<_>>()
+        .join(" "))
 }
 
 /// A mounted cgroup hierarchy: where it is, and which cgroup its root shows.
