@@ -1052,14 +1052,18 @@ impl<'r> Applier<'r> {
     }
 
     /// Keeps the parent fd for the next entry unless something was removed.
+    ///
+    /// A removal invalidates the cached fd whatever the parent of this entry was: an
+    /// entry directly under the root (parent `Root`) can replace the symlink the cached
+    /// directory was resolved through (`a -> x` with `a/b` cached as `x/b`).
     fn release_parent(&mut self, parent: Parent) {
-        if let Parent::Dir(fd) = parent {
-            if !self.removed {
-                let (p, _) = split_parent(&self.path);
-                self.cache_key.clear();
-                self.cache_key.extend_from_slice(p);
-                self.cache_fd = Some(fd);
-            }
+        if self.removed {
+            self.cache_fd = None;
+        } else if let Parent::Dir(fd) = parent {
+            let (p, _) = split_parent(&self.path);
+            self.cache_key.clear();
+            self.cache_key.extend_from_slice(p);
+            self.cache_fd = Some(fd);
         }
         self.removed = false;
     }
@@ -2417,6 +2421,24 @@ mod tests {
         assert_eq!(lmeta(&s.p("d2d")).mode() & 0o7777, 0o755);
         assert!(lmeta(&s.p("s2d")).is_dir());
         assert!(lmeta(&s.p("f2s")).file_type().is_symlink());
+    }
+
+    /// Issue 16 defect 4: replacing an entry directly under the root (here the symlink
+    /// `a -> x` by a directory) must drop the cached parent fd resolved through it.
+    #[test]
+    fn replacing_a_root_entry_drops_the_cached_parent() {
+        let s = Scene::new();
+        let mut l = Layer::new();
+        l.dir("x");
+        l.symlink("a", "x");
+        l.file("a/b/f1", b"1");
+        l.dir("a");
+        l.file("a/b/f2", b"2");
+        s.apply(l.finish()).unwrap();
+        assert_eq!(fs::read(s.p("x/b/f1")).unwrap(), b"1");
+        assert!(lmeta(&s.p("a")).is_dir());
+        assert_eq!(fs::read(s.p("a/b/f2")).unwrap(), b"2");
+        assert!(!s.p("x/b/f2").exists(), "f2 was written through the old symlink");
     }
 
     #[test]
