@@ -220,9 +220,11 @@ fn start_workspace(
     link: &Link,
 ) -> Result<Running, Abort> {
     let failed = |e: &dyn std::fmt::Display| Abort::Failed(e.to_string());
-    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
+    // 0711, not 0700: the container's root (host uid 100000 in its user namespace) must be able
+    // to traverse to the bundle's rootfs below, but nobody else may list or read what is here.
+    image::durable::private_dir(&cfg.state_dir, 0o711).map_err(|e| {
         Abort::Failed(format!(
-            "creating CODER_STATE_DIR {}: {e}",
+            "creating CODER_STATE_DIR {} (mode 0711): {e}",
             cfg.state_dir.display()
         ))
     })?;

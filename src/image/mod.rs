@@ -1,6 +1,7 @@
 //! Getting the workspace image: reference, credentials, registry, verified store, unpacked layers.
 
 pub mod auth;
+pub mod durable;
 pub mod facts;
 pub mod gc;
 pub mod reference;

@@ -143,6 +143,8 @@ pub struct LayerCache {
 
 impl LayerCache {
     pub fn open(cache_dir: &Path) -> Result<Self, RootfsError> {
+        crate::image::durable::private_dir(cache_dir, 0o700)
+            .map_err(io("create cache directory (mode 0700)", cache_dir))?;
         let dir = cache_dir.join("layers");
         std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
         Ok(LayerCache {

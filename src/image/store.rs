@@ -75,6 +75,10 @@ pub struct BlobStore {
 impl BlobStore {
     /// Open (creating directories as needed) the cache at `cache_dir`.
     pub fn open(cache_dir: &Path) -> Result<BlobStore, StoreError> {
+        // The layers hold the image's setuid binaries and device nodes: root only (containerd's
+        // content store and snapshots are 0700 as well).
+        crate::image::durable::private_dir(cache_dir, 0o700)
+            .map_err(io_err("create cache directory (mode 0700)", cache_dir))?;
         for d in ["blobs/sha256", "tmp", "refs"] {
             let p = cache_dir.join(d);
             fs::create_dir_all(&p).map_err(io_err("create directory", &p))?;
@@ -812,6 +816,26 @@ mod tests {
         });
         assert_eq!(downloads.load(Ordering::SeqCst), 1);
         assert!(s.has(&digest));
+    }
+
+    /// Issue 16 defect 8: the cache holds the image's setuid binaries and device nodes.
+    #[test]
+    fn cache_root_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let fresh = dir.path().join("fresh/cache");
+        BlobStore::open(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+        let layers_first = dir.path().join("layers-first");
+        crate::image::rootfs::LayerCache::open(&layers_first).unwrap();
+        assert_eq!(mode(&layers_first), 0o700);
+        // A cache made world-readable by an older envbox is closed too.
+        let old = dir.path().join("old");
+        fs::create_dir(&old).unwrap();
+        fs::set_permissions(&old, fs::Permissions::from_mode(0o755)).unwrap();
+        BlobStore::open(&old).unwrap();
+        assert_eq!(mode(&old), 0o700);
     }
 
     #[test]
