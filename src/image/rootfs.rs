@@ -14,8 +14,8 @@ use std::fs::File;
 use std::io::BufReader;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use rustix::fs::{self as rfs, FlockOperation, Mode, OFlags};
 use sha2::{Digest as _, Sha256};
@@ -353,14 +353,10 @@ struct TmpDir {
 
 impl TmpDir {
     fn create(layers: &Path, name: &str) -> Result<Self, RootfsError> {
-        static SEQ: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
+        // Random, not pid-based: every envbox is PID 1, so pids repeat across pods.
         let path = layers.join(format!(
-            "{TMP_PREFIX}{name}-{}-{nanos:08x}{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
+            "{TMP_PREFIX}{name}-{}",
+            crate::image::durable::random_hex()
         ));
         // Shared lock on the layers directory from mkdir to flock: a sweeper (exclusive) never
         // sees the new directory unlocked.

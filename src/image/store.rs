@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use crate::image::durable::atomic_write;
 use crate::image::gc;
 use crate::image::reference::{validate_digest, ImageRef};
 use crate::image::registry::{LayerDesc, RegistryClient, RegistryError, ResolvedImage};
@@ -207,14 +208,9 @@ impl BlobStore {
         if dest.is_file() {
             return Ok(dest);
         }
-        // Unique temp name: identical content, so racing writers are harmless.
-        let tmp = self.root.join("tmp").join(format!(
-            "{hex}.put.{}.{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        write_file_sync(&tmp, bytes)?;
-        fs::rename(&tmp, &dest).map_err(io_err("rename", &dest))?;
+        // Racing writers (other threads, other pods) write identical content under random
+        // temporary names, so whichever rename lands last is as good as the first.
+        atomic_write(&self.root.join("tmp"), &dest, bytes).map_err(io_err("write blob", &dest))?;
         Ok(dest)
     }
 
@@ -222,23 +218,28 @@ impl BlobStore {
         self.root.join("refs").join(escape_ref(&image.to_string()))
     }
 
-    /// What `image` resolved to last time, if recorded.
+    /// What `image` resolved to last time, if recorded. A record naming another reference (two
+    /// references escaping to one name, or a damaged cache) is ignored.
     pub fn load_ref(&self, image: &ImageRef) -> Option<RefRecord> {
-        let bytes = fs::read(self.ref_path(image)).ok()?;
-        serde_json::from_slice(&bytes).ok()
+        let path = self.ref_path(image);
+        let bytes = fs::read(&path).ok()?;
+        let rec: RefRecord = serde_json::from_slice(&bytes).ok()?;
+        if rec.reference != image.to_string() {
+            log::warn!(
+                "{} records {:?}, not {image}; ignoring it",
+                path.display(),
+                rec.reference
+            );
+            return None;
+        }
+        Some(rec)
     }
 
-    /// Record what `image` resolved to (atomic replace).
+    /// Record what `image` resolved to (atomic replace, durable before it is visible).
     pub fn save_ref(&self, image: &ImageRef, rec: &RefRecord) -> Result<(), StoreError> {
         let dest = self.ref_path(image);
-        let tmp = self.root.join("tmp").join(format!(
-            "ref.{}.{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
         let bytes = serde_json::to_vec_pretty(rec).expect("serialisable");
-        write_file_sync(&tmp, &bytes)?;
-        fs::rename(&tmp, &dest).map_err(io_err("rename", &dest))
+        atomic_write(&self.root.join("tmp"), &dest, &bytes).map_err(io_err("write reference", &dest))
     }
 }
 
@@ -267,12 +268,6 @@ fn lock_file(path: &Path) -> Result<File, StoreError> {
             Err(e) => return Err(io_err("stat", path)(e)),
         }
     }
-}
-
-fn write_file_sync(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let mut f = File::create(path).map_err(io_err("create", path))?;
-    f.write_all(bytes).map_err(io_err("write", path))?;
-    f.sync_all().map_err(io_err("fsync", path))
 }
 
 /// `sha256:<hex>` of `bytes`.
@@ -836,6 +831,39 @@ mod tests {
         fs::set_permissions(&old, fs::Permissions::from_mode(0o755)).unwrap();
         BlobStore::open(&old).unwrap();
         assert_eq!(mode(&old), 0o700);
+    }
+
+    /// Issue 16 defect 3: every pod's envbox is PID 1, so a pid-and-thread temporary name is the
+    /// same in every pod sharing the cache; here another pod's half-written file holds it.
+    #[test]
+    fn temporary_names_do_not_collide_across_pods() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let me = format!("{}.{:?}", std::process::id(), std::thread::current().id());
+        for name in [format!("{}.put.{me}", &HELLO[7..]), format!("ref.{me}")] {
+            fs::create_dir(dir.path().join("tmp").join(name)).unwrap();
+        }
+        s.put(HELLO, b"hello").unwrap();
+        let r = ImageRef::parse("example.com/x:1").unwrap();
+        let rec = RefRecord {
+            reference: r.to_string(),
+            top_digest: HELLO.into(),
+            manifest_digest: HELLO.into(),
+        };
+        s.save_ref(&r, &rec).unwrap();
+        assert_eq!(s.load_ref(&r).unwrap(), rec);
+        // A record of image Y under image X's name (a collision, or a damaged cache) is not used.
+        let y = ImageRef::parse("example.com/y:1").unwrap();
+        fs::write(
+            s.ref_path(&r),
+            serde_json::to_vec(&RefRecord {
+                reference: y.to_string(),
+                ..rec.clone()
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        assert!(s.load_ref(&r).is_none(), "a record of {y} was read for {r}");
     }
 
     #[test]
