@@ -4,14 +4,15 @@
 //! - keys are matched exactly after normalisation (scheme, trailing `/` and any path stripped, host
 //!   lower-cased, Docker Hub aliases unified), so `https://registry.example.com` matches
 //!   `registry.example.com` (envbox#102);
-//! - the keyless fallback (envbox#137) is deterministic: an entry with an empty key, else the *only*
-//!   entry (with a warning naming its key); we never pick among several entries;
+//! - credentials go only to the registry their key names: the one keyless fallback is an entry with
+//!   the empty key (envbox#137), an explicit "any registry" entry, used with a warning; the only
+//!   entry of a secret is *not* a fallback (whoever sets the image could collect it);
 //! - the docker config file never silently overrides the pull secret: the source with a match wins, and
 //!   when both match the pull secret wins;
 //! - every decision is described in one sentence for the log; secrets never appear in messages.
 //!
 //! Order inside one source: `credHelpers[key]`, then an `auths` entry for the key, then `credsStore`,
-//! then the keyless fallback.
+//! then the empty-key entry.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -616,32 +617,22 @@ fn lookup(
             }));
         }
     }
-    // 4. keyless fallback: an empty key, else the only entry.
+    // 4. The empty key: an explicit "any registry" entry (envbox#137). Nothing else is ever
+    //    offered to a registry its key does not name — not even the only entry: whoever sets
+    //    the image reference picks the registry and could collect the credentials (Docker
+    //    never does this either).
     if let Some(entry) = cfg.auths.get("") {
         if let Ok(creds) = entry_credentials(entry) {
+            warnings.push(format!(
+                "{label}: using its auths entry with the empty key for registry {want:?}; that \
+                 entry is sent to any registry, name the registry in its key to restrict it"
+            ));
             return Ok(Some(Match {
                 creds,
                 exact: false,
-                what: "the auths entry with an empty key (fallback)".into(),
+                what: "the auths entry with an empty key (any registry)".into(),
             }));
         }
-    }
-    let usable: Vec<(&String, Credentials)> = cfg
-        .auths
-        .iter()
-        .filter_map(|(k, e)| entry_credentials(e).ok().map(|c| (k, c)))
-        .collect();
-    if usable.len() == 1 && cfg.auths.len() == 1 {
-        let (key, creds) = usable.into_iter().next().expect("one entry");
-        warnings.push(format!(
-            "{label} has no entry for registry {want:?}; using its only auths entry {key:?} as a \
-             fallback — fix the key if these credentials belong to another registry"
-        ));
-        return Ok(Some(Match {
-            creds,
-            exact: false,
-            what: format!("its only auths entry {key:?} (fallback, key does not match)"),
-        }));
     }
     Ok(None)
 }
@@ -817,13 +808,11 @@ mod tests {
         let r = secret("ghcr.io", &s).unwrap();
         assert_eq!(r.credentials, basic("e", "1"));
         assert!(r.description.contains("empty key"));
-        // A single entry with another key is used, with a warning naming the key.
+        // A single entry with another key is not used (issue 16): it belongs to another registry.
         let s = format!(r#"{{"auths":{{"other.io":{{"auth":"{}"}}}}}}"#, b64("o:2"));
         let r = secret("ghcr.io", &s).unwrap();
-        assert_eq!(r.credentials, basic("o", "2"));
-        assert_eq!(r.warnings.len(), 1);
-        assert!(r.warnings[0].contains("\"other.io\""));
-        assert!(r.description.contains("fallback"));
+        assert_eq!(r.credentials, Credentials::Anonymous);
+        assert!(r.description.contains("\"other.io\""), "{}", r.description);
         // Several non-matching entries: never pick one.
         let s = format!(
             r#"{{"auths":{{"a.io":{{"auth":"{}"}},"b.io":{{"auth":"{}"}}}}}}"#,
@@ -838,6 +827,35 @@ mod tests {
             "{}",
             r.description
         );
+    }
+
+    /// Issue 16 defect 1: a pull secret for registry A is never offered to registry B (anyone who
+    /// can set CODER_INNER_IMAGE could otherwise collect it), whichever source holds it.
+    #[test]
+    fn credentials_only_for_the_registry_they_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let only_a = format!(
+            r#"{{"auths":{{"registry-a.example.com":{{"auth":"{}"}}}}}}"#,
+            b64("op:hunter2")
+        );
+        for reg in ["registry-b.example.com", "docker.io", "registry-a.example.com:5000"] {
+            let r = secret(reg, &only_a).unwrap();
+            assert_eq!(r.credentials, Credentials::Anonymous, "{reg}: {}", r.description);
+            let f = write(dir.path(), &only_a);
+            let r = resolve_with(reg, None, &f, &FakeHelpers::new(&[])).unwrap();
+            assert_eq!(r.credentials, Credentials::Anonymous, "{reg} (file)");
+        }
+        // Docker's key forms still match their registry.
+        for key in ["https://registry-a.example.com/v1/", "http://registry-a.example.com"] {
+            let s = format!(r#"{{"auths":{{"{key}":{{"auth":"{}"}}}}}}"#, b64("op:pw"));
+            let r = secret("registry-a.example.com", &s).unwrap();
+            assert_eq!(r.credentials, basic("op", "pw"), "{key}");
+        }
+        // The empty key is an explicit "any registry" entry (envbox#137), said so in a warning.
+        let any = format!(r#"{{"auths":{{"":{{"auth":"{}"}}}}}}"#, b64("op:pw"));
+        let r = secret("registry-b.example.com", &any).unwrap();
+        assert_eq!(r.credentials, basic("op", "pw"));
+        assert!(r.warnings.iter().any(|w| w.contains("empty key")), "{:?}", r.warnings);
     }
 
     #[test]

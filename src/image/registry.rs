@@ -1669,8 +1669,8 @@ impl RegistryClient {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
-            let resp = match self.send_once(req, auth.as_deref()) {
-                Ok(r) => {
+            let (resp, from_registry) = match self.send_once(req, auth.as_deref()) {
+                Ok((r, from_registry)) => {
                     if let Some(why) = http_probe.take() {
                         log::warn!(
                             "registry {} failed over HTTPS ({why}); using plain HTTP as it is marked insecure",
@@ -1680,7 +1680,7 @@ impl RegistryClient {
                     if !self.use_http.load(Ordering::Relaxed) {
                         self.https_ok.store(true, Ordering::Relaxed);
                     }
-                    r
+                    (r, from_registry)
                 }
                 Err(Failure::Fatal(e)) => return Err(e),
                 Err(Failure::NotTls(why)) | Err(Failure::Transient(why))
@@ -1715,7 +1715,9 @@ impl RegistryClient {
                         .filter_map(|v| v.to_str().ok())
                         .flat_map(parse_www_authenticate)
                         .collect();
-                    if auth_rounds > 2 || challenges.is_empty() {
+                    // Only the registry's own challenge is answered: a redirect target (object
+                    // storage) naming a token service must not get the registry's credentials.
+                    if auth_rounds > 2 || challenges.is_empty() || !from_registry {
                         return Ok(resp); // caller maps it to AuthFailed
                     }
                     self.authenticate(&challenges, retry)?;
@@ -1739,7 +1741,8 @@ impl RegistryClient {
     }
 
     /// One request plus manual redirect following.
-    fn send_once(&self, req: &Req, auth: Option<&str>) -> Result<Response<Body>, Failure> {
+    /// The flag says whether the response came from the registry's origin (not a redirect target).
+    fn send_once(&self, req: &Req, auth: Option<&str>) -> Result<(Response<Body>, bool), Failure> {
         let origin = self.origin();
         let mut url = format!("{origin}{}", req.path);
         let mut same_origin = true;
@@ -1760,7 +1763,7 @@ impl RegistryClient {
             let resp = b.call().map_err(|e| self.classify(e, &url))?;
             let status = resp.status();
             if !matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308) {
-                return Ok(resp);
+                return Ok((resp, same_origin));
             }
             let loc = header(&resp, "location").ok_or_else(|| {
                 Failure::Fatal(RegistryError::Http {
@@ -1905,9 +1908,22 @@ impl RegistryClient {
             realm: realm.clone(),
             detail,
         };
+        // The registry names the token server, so credentials would go wherever it says: only
+        // over https, or in plain text to the registry's own host when the registry itself is
+        // reached in plain text (an insecure local mirror) — never to another host unencrypted.
         let insecure = self.opts.insecure || self.opts.plain_http;
-        if !(realm.starts_with("https://") || (insecure && realm.starts_with("http://"))) {
-            return Err(terr("the realm is not an https URL".into()));
+        let own_host = host_of(&realm).is_some_and(|h| {
+            host_of(&format!("http://{}", self.image.api_host())).is_some_and(|r| r == h)
+        });
+        let anonymous = self.credentials == Credentials::Anonymous;
+        let plain_ok = insecure && realm.starts_with("http://") && (anonymous || own_host);
+        if !(realm.starts_with("https://") || plain_ok) {
+            return Err(terr(
+                "the token service is not an https URL; credentials are only sent to a token \
+                 service over https (or, for a registry marked insecure, plain http on the \
+                 registry's own host)"
+                    .into(),
+            ));
         }
         let service = c.params.get("service").cloned().unwrap_or_default();
         let scope = format!("repository:{}:pull", self.image.repository);
@@ -2041,6 +2057,12 @@ fn parse_content_range_start(v: &str) -> Option<u64> {
     rest.split('-').next()?.trim().parse().ok()
 }
 
+/// The host of an absolute URL, lower-cased, without the port.
+fn host_of(url: &str) -> Option<String> {
+    let u: Uri = url.parse().ok()?;
+    Some(u.host()?.to_ascii_lowercase())
+}
+
 /// `scheme://authority` of an absolute URL (lower-cased), with default ports made explicit.
 fn origin_of(url: &str) -> Option<String> {
     let u: Uri = url.parse().ok()?;
@@ -2121,6 +2143,8 @@ pub(crate) mod test_support {
         pub no_digest_header: bool,
         /// Answer everything with 503.
         pub down: AtomicBool,
+        /// The Bearer challenge's realm instead of this fake's own `/token`.
+        pub realm: Option<String>,
     }
 
     impl Default for Knobs {
@@ -2136,6 +2160,7 @@ pub(crate) mod test_support {
                 ignore_range: false,
                 no_digest_header: false,
                 down: AtomicBool::new(false),
+                realm: None,
             }
         }
     }
@@ -2337,8 +2362,8 @@ pub(crate) mod test_support {
                 let ch = match k.auth {
                     Auth::Basic => "Basic realm=\"test\"".to_string(),
                     _ => format!(
-                        "Bearer realm=\"http://127.0.0.1:{}/token\",service=\"fake, registry\",scope=\"repository:x:pull\"",
-                        self.port
+                        "Bearer realm=\"{}\",service=\"fake, registry\",scope=\"repository:x:pull\"",
+                        k.realm.clone().unwrap_or_else(|| format!("http://127.0.0.1:{}/token", self.port))
                     ),
                 };
                 return (
@@ -2911,6 +2936,36 @@ mod tests {
             .filter(|r| r.path.starts_with("/v2/") && r.header("authorization").is_none())
             .count();
         assert_eq!(unauthorized_v2, 1, "only the first request is anonymous");
+    }
+
+    /// Issue 16 defect 1: the registry names the token server, so a registry can send the
+    /// credentials anywhere; they only go to a realm over https (plain http only on the
+    /// registry's own host, when the registry itself is plain http).
+    #[test]
+    fn credentials_go_to_a_foreign_realm_only_over_https() {
+        let collector = Fake::start(Knobs::default());
+        let fake = Fake::start(Knobs {
+            auth: Auth::Bearer,
+            realm: Some(format!("http://localhost:{}/token", collector.port)),
+            ..Default::default()
+        });
+        push_image(&fake, "v1");
+        let c = client(
+            &fake,
+            "team/app:v1",
+            Credentials::Basic {
+                username: "tester".into(),
+                password: "s3cret".into(),
+            },
+        );
+        let e = c.resolve_manifest().unwrap_err();
+        let leaked: Vec<_> = collector
+            .requests()
+            .into_iter()
+            .filter(|r| r.header("authorization").is_some())
+            .collect();
+        assert!(leaked.is_empty(), "credentials sent to {leaked:#?}");
+        assert!(e.to_string().contains("https"), "{e}");
     }
 
     #[test]
