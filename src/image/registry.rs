@@ -1520,13 +1520,29 @@ impl RegistryClient {
                         let start = header(&resp, "content-range")
                             .and_then(|v| parse_content_range_start(&v));
                         if start != Some(from) {
-                            log::warn!("bad Content-Range for {}; restarting it", desc.digest);
-                            dest.reset()?;
+                            self.restart_after_bad_answer(
+                                &mut retry,
+                                dest,
+                                on_bytes,
+                                &format!(
+                                    "downloading {}: asked for bytes from {from}, got Content-Range {:?}",
+                                    desc.digest,
+                                    header(&resp, "content-range").unwrap_or_default()
+                                ),
+                            )?;
                             continue;
                         }
                     }
                     416 => {
-                        dest.reset()?;
+                        self.restart_after_bad_answer(
+                            &mut retry,
+                            dest,
+                            on_bytes,
+                            &format!(
+                                "downloading {}: HTTP 416 for bytes from {from}",
+                                desc.digest
+                            ),
+                        )?;
                         continue;
                     }
                     _ => {
@@ -1602,6 +1618,23 @@ impl RegistryClient {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// A 416, or a 206 for other bytes than asked: start the blob over, but count it against the
+    /// retry budget (a server that always answers so would otherwise be asked forever) and give a
+    /// stop request its chance.
+    fn restart_after_bad_answer(
+        &self,
+        retry: &mut Retry,
+        dest: &mut BlobWriter,
+        on_bytes: &mut dyn FnMut(u64) -> ControlFlow<()>,
+        why: &str,
+    ) -> Result<(), RegistryError> {
+        dest.reset()?;
+        if on_bytes(0).is_break() {
+            return Err(RegistryError::Aborted);
+        }
+        self.retry_or_fail(retry, &format!("{why}; starting it over"))
     }
 
     // ---- HTTP plumbing -------------------------------------------------------------------
@@ -2100,7 +2133,7 @@ pub(crate) mod test_support {
     use std::collections::HashMap;
     use std::io::BufRead;
     use std::net::{TcpListener, TcpStream};
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicU32, AtomicUsize};
 
     #[derive(Debug, Clone)]
     pub struct Logged {
@@ -2145,6 +2178,8 @@ pub(crate) mod test_support {
         pub down: AtomicBool,
         /// The Bearer challenge's realm instead of this fake's own `/token`.
         pub realm: Option<String>,
+        /// Answer every blob GET with 416, or (`206`) with a Content-Range that starts elsewhere.
+        pub bad_range_status: AtomicU32,
     }
 
     impl Default for Knobs {
@@ -2161,6 +2196,7 @@ pub(crate) mod test_support {
                 no_digest_header: false,
                 down: AtomicBool::new(false),
                 realm: None,
+                bad_range_status: AtomicU32::new(0),
             }
         }
     }
@@ -2414,6 +2450,14 @@ pub(crate) mod test_support {
             let Some(data) = self.blobs.lock().unwrap().get(d).cloned() else {
                 return (404, vec![], vec![], None);
             };
+            match self.knobs.bad_range_status.load(Ordering::SeqCst) {
+                0 => {}
+                416 => return (416, vec![], vec![], None),
+                _ => {
+                    let hdr = format!("bytes 7-{}/{}", data.len() - 1, data.len());
+                    return (206, vec![("Content-Range".into(), hdr)], data[7..].to_vec(), None);
+                }
+            }
             let range = req
                 .header("range")
                 .and_then(|r| r.strip_prefix("bytes="))
@@ -3039,6 +3083,55 @@ mod tests {
         let anon = client(&fake, "team/app:v1", Credentials::Anonymous);
         let msg = anon.resolve_manifest().unwrap_err().to_string();
         assert!(msg.contains("no credentials were configured"), "{msg}");
+    }
+
+    /// Issue 16 defect 7: a 416, or a 206 for other bytes than asked, once looped without end
+    /// (thousands of requests a second) and a stop request could not interrupt it.
+    #[test]
+    fn bad_range_answers_are_bounded_and_cancellable() {
+        for status in [416, 206] {
+            let fake = Fake::start(Knobs::default());
+            push_image(&fake, "v1");
+            let c = client(&fake, "team/app:v1", Credentials::Anonymous);
+            let img = c.resolve_manifest().unwrap();
+            fake.knobs.bad_range_status.store(status, Ordering::SeqCst);
+            let dir = tempfile::tempdir().unwrap();
+            let store = BlobStore::open(dir.path()).unwrap();
+            let l = &img.layers[0];
+            fake.clear_log();
+            let mut w = store.writer(&l.digest, Some(l.size)).unwrap().unwrap();
+            let started = Instant::now();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let e = std::thread::scope(|sc| {
+                let h = sc.spawn(|| c.fetch_blob(l, &mut w));
+                // The old code never returned: give up on it rather than hang the suite.
+                while !h.is_finished() && started.elapsed() < Duration::from_secs(20) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = tx.send(h.is_finished());
+                if h.is_finished() {
+                    Some(h.join().unwrap())
+                } else {
+                    fake.knobs.down.store(true, Ordering::SeqCst);
+                    None
+                }
+            });
+            assert!(rx.recv().unwrap(), "HTTP {status}: still looping after 20 s");
+            let e = e.unwrap().unwrap_err();
+            assert!(matches!(e, RegistryError::Unreachable { .. }), "HTTP {status}: {e}");
+            let n = fake.requests().len();
+            assert!(n <= 5, "HTTP {status}: {n} requests for a retry budget of 4");
+
+            // A stop request ends it at the next bad answer.
+            drop(w);
+            let mut w = store.writer(&l.digest, Some(l.size)).unwrap().unwrap();
+            fake.clear_log();
+            let e = c
+                .fetch_blob_with_progress(l, &mut w, &mut |_| ControlFlow::Break(()))
+                .unwrap_err();
+            assert!(matches!(e, RegistryError::Aborted), "HTTP {status}: {e}");
+            assert_eq!(fake.requests().len(), 1, "HTTP {status}");
+        }
     }
 
     #[test]
