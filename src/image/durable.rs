@@ -65,12 +65,38 @@ pub fn random_hex() -> String {
 
 /// fsync of a directory: makes the names created or renamed in it durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    record("fsync_dir", dir);
     File::open(dir)?.sync_all()
+}
+
+/// Renames `from` to `to` (a publication), recorded for tests so they can check what was synced
+/// before it.
+pub fn publish_rename(from: &Path, to: &Path) -> io::Result<()> {
+    record("rename", to);
+    fs::rename(from, to)
+}
+
+#[cfg(test)]
+thread_local! {
+    static EVENTS: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Tests read back, in order, the syncs and publications this thread made.
+#[cfg(test)]
+pub fn take_events() -> Vec<String> {
+    EVENTS.with(|e| std::mem::take(&mut *e.borrow_mut()))
+}
+
+#[cfg_attr(not(test), allow(unused_variables))]
+fn record(what: &str, path: &Path) {
+    #[cfg(test)]
+    EVENTS.with(|e| e.borrow_mut().push(format!("{what} {}", path.display())));
 }
 
 /// syncfs(2) of the file system holding `path`: every file written under a freshly unpacked
 /// tree reaches the disk with one call instead of one fsync per file.
 pub fn syncfs(path: &Path) -> io::Result<()> {
+    record("syncfs", path);
     let f = File::open(path)?;
     rustix::fs::syncfs(f.as_fd()).map_err(io::Error::from)
 }
@@ -92,8 +118,9 @@ pub fn atomic_write(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> io::Result<()>
             .mode(0o600)
             .open(&tmp)?;
         f.write_all(bytes)?;
+        record("fsync", &tmp);
         f.sync_all()?;
-        fs::rename(&tmp, dest)
+        publish_rename(&tmp, dest)
     })();
     if let Err(e) = result {
         let _ = fs::remove_file(&tmp);

@@ -21,6 +21,7 @@ use rustix::fs::{self as rfs, FlockOperation, Mode, OFlags};
 use sha2::{Digest as _, Sha256};
 
 use crate::bundle::spec::ID_MAP_HOST_START;
+use crate::image::durable;
 use crate::image::unpack::{
     apply_layer, apply_layer_overlay, Compression, IdShift, LayerStats, UnpackError,
 };
@@ -250,16 +251,22 @@ impl LayerCache {
         } else {
             (plain_slot.0, plain_info)
         };
-        if let Err(e) =
-            std::fs::write(tmp.path.join("digest"), &info).map_err(io("write", &tmp.path))
-        {
+        // Every pod sharing the cache trusts a published layer forever, so all of it (files,
+        // metadata, the digest file) must be on disk before its name is: one syncfs of the cache's
+        // file system is far cheaper than an fsync per file.
+        let written = std::fs::write(tmp.path.join("digest"), &info)
+            .map_err(io("write", &tmp.path))
+            .and_then(|()| durable::syncfs(&tmp.path).map_err(io("syncfs", &tmp.path)));
+        if let Err(e) = written {
             tmp.discard();
             return Err(e);
         }
         let done = self.dir.join(&name);
-        match std::fs::rename(&tmp.path, &done) {
+        match durable::publish_rename(&tmp.path, &done) {
             Ok(()) => {
                 tmp.published();
+                // The rename itself is durable only once the layers directory is.
+                durable::fsync_dir(&self.dir).map_err(io("fsync", &self.dir))?;
                 Ok(CachedLayer {
                     name,
                     unpacked: true,
@@ -635,6 +642,31 @@ mod tests {
             path,
             diff_id: None,
         }
+    }
+
+    /// Issue 16 defect 2: a published layer is trusted forever by every pod sharing the cache,
+    /// so its files must be on disk before its name is (and the name before `ensure` returns).
+    #[test]
+    fn layers_reach_the_disk_before_they_are_published() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = LayerCache::open(&tmp.path().join("cache")).unwrap();
+        let l = tar_blob(tmp.path(), &format!("sha256:{}", "c".repeat(64)), "f", b"data");
+        crate::image::durable::take_events();
+        let c = cache.ensure(&l, &[]).unwrap();
+        let ev = crate::image::durable::take_events();
+        let done = cache.dir().join(&c.name);
+        let publish = ev
+            .iter()
+            .position(|e| *e == format!("rename {}", done.display()))
+            .unwrap_or_else(|| panic!("no publishing rename recorded: {ev:?}"));
+        assert!(
+            ev[..publish].iter().any(|e| e.starts_with("syncfs ")),
+            "published without syncing the tree first: {ev:?}"
+        );
+        assert!(
+            ev[publish..].contains(&format!("fsync_dir {}", cache.dir().display())),
+            "layers/ not fsynced after the rename: {ev:?}"
+        );
     }
 
     /// Issue 16 defect 6: two digests sharing the first 80 bits are different layers.

@@ -393,7 +393,11 @@ impl BlobWriter {
         self.file
             .sync_all()
             .map_err(io_err("fsync", &self.partial))?;
-        fs::rename(&self.partial, &self.final_path).map_err(io_err("rename", &self.final_path))?;
+        crate::image::durable::publish_rename(&self.partial, &self.final_path)
+            .map_err(io_err("rename", &self.final_path))?;
+        // Other pods trust the name once they see it; make the name itself durable too.
+        let dir = crate::image::durable::parent_of(&self.final_path);
+        crate::image::durable::fsync_dir(&dir).map_err(io_err("fsync", &dir))?;
         Ok(self.final_path.clone())
     }
 
@@ -738,6 +742,37 @@ mod tests {
         assert!(s.writer(HELLO, Some(5)).unwrap().is_none());
         // Nothing of the download is left in tmp/, not even its lock file.
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    /// Issue 16 defect 2: blobs and refs are on disk, names included, once published.
+    #[test]
+    fn blobs_and_refs_are_durable_when_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let blobs = dir.path().join("blobs/sha256");
+        crate::image::durable::take_events();
+        let mut w = s.writer(HELLO, Some(5)).unwrap().unwrap();
+        w.write_all(b"hello").unwrap();
+        w.finish().unwrap();
+        let ev = crate::image::durable::take_events();
+        assert!(
+            ev.ends_with(&[
+                format!("rename {}", blobs.join(&HELLO[7..]).display()),
+                format!("fsync_dir {}", blobs.display())
+            ]),
+            "{ev:?}"
+        );
+        let r = ImageRef::parse("example.com/x:1").unwrap();
+        let rec = RefRecord {
+            reference: r.to_string(),
+            top_digest: HELLO.into(),
+            manifest_digest: HELLO.into(),
+        };
+        s.save_ref(&r, &rec).unwrap();
+        let ev = crate::image::durable::take_events();
+        assert_eq!(ev.len(), 3, "{ev:?}");
+        assert!(ev[0].starts_with("fsync "), "{ev:?}");
+        assert_eq!(ev[2], format!("fsync_dir {}", dir.path().join("refs").display()));
     }
 
     #[test]
