@@ -188,10 +188,8 @@ fn killed_unpack_is_never_used() {
         .unwrap()
         .to_string_lossy()
         .into_owned();
-    assert!(
-        name.contains(&format!("-{}-", child.id())),
-        "{name} names the dead unpacker"
-    );
+    // Temporary names are random, not the pid: every envbox is PID 1 of its pod (issue 16).
+    assert!(name.starts_with(".tmp-"), "{name} is not an unpack directory");
     let partial = count(&child_tmp.join("t/data"));
     assert!(partial < FILES, "killed mid-way ({partial} files)");
     eprintln!(
