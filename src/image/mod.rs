@@ -8,6 +8,7 @@ pub mod reference;
 pub mod registry;
 pub mod rootfs;
 pub mod store;
+pub mod tarstream;
 pub mod unpack;
 
 use std::sync::atomic::AtomicBool;
