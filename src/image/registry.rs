@@ -1304,6 +1304,20 @@ impl RegistryClient {
                 reference: reference.clone(),
                 reason: format!("image config is not valid JSON: {e}"),
             })?;
+        // Each layer is verified against its diff_id while it is unpacked; a shorter list would
+        // leave the layers past its end unverified (Docker refuses such images as well).
+        let diff_ids = raw.rootfs.as_ref().map(|r| r.diff_ids.clone()).unwrap_or_default();
+        if diff_ids.len() != layers.len() {
+            return Err(RegistryError::InvalidManifest {
+                reference: reference.clone(),
+                reason: format!(
+                    "the image configuration lists {} rootfs.diff_ids for {} layers; the image is \
+                     malformed, rebuild or re-push it",
+                    diff_ids.len(),
+                    layers.len()
+                ),
+            });
+        }
         let mut platform = format!("{}/{}", raw.os, raw.architecture);
         if let Some(v) = raw.variant.as_deref().filter(|v| !v.is_empty()) {
             platform.push('/');
@@ -1321,7 +1335,7 @@ impl RegistryClient {
             config: raw.config.unwrap_or_default(),
             config_digest: config.digest.clone(),
             platform,
-            diff_ids: raw.rootfs.map(|r| r.diff_ids).unwrap_or_default(),
+            diff_ids,
             layers,
         })
     }
@@ -2490,11 +2504,26 @@ pub(crate) mod test_support {
     /// A two-layer image (plus an index with arm64, amd64 and an attestation) in `fake`.
     /// Returns (index digest, amd64 manifest digest, layer blobs).
     pub fn push_image(fake: &Fake, tag: &str) -> (String, String, Vec<Vec<u8>>) {
+        let ids = [digest(b"diff 1"), digest(b"diff 2")];
+        push_image_with_diff_ids(fake, tag, &ids)
+    }
+
+    /// [`push_image`] whose configuration lists `diff_ids` (the layers are not tars: nothing
+    /// here unpacks them).
+    pub fn push_image_with_diff_ids(
+        fake: &Fake,
+        tag: &str,
+        diff_ids: &[String],
+    ) -> (String, String, Vec<Vec<u8>>) {
         let l1: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let l2: Vec<u8> = (0..5_000u32).map(|i| (i % 13) as u8).collect();
         let d1 = fake.add_blob(&l1);
         let d2 = fake.add_blob(&l2);
-        let config = br#"{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/bin"],"User":"1000","WorkingDir":"/home/coder","Entrypoint":null,"Cmd":["sh"],"StopSignal":"SIGRTMIN+3"},"rootfs":{"type":"layers","diff_ids":[]}}"#;
+        let config = format!(
+            r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],"User":"1000","WorkingDir":"/home/coder","Entrypoint":null,"Cmd":["sh"],"StopSignal":"SIGRTMIN+3"}},"rootfs":{{"type":"layers","diff_ids":{}}}}}"#,
+            serde_json::to_string(diff_ids).unwrap()
+        );
+        let config = config.as_bytes();
         let dc = fake.add_blob(config);
         let manifest = format!(
             r#"{{"schemaVersion":2,"mediaType":"{MT_OCI_MANIFEST}","config":{{"mediaType":"{MT_OCI_CONFIG}","digest":"{dc}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{d1}","size":{}}},{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{d2}","size":{}}}]}}"#,
@@ -3131,6 +3160,20 @@ mod tests {
                 .unwrap_err();
             assert!(matches!(e, RegistryError::Aborted), "HTTP {status}: {e}");
             assert_eq!(fake.requests().len(), 1, "HTTP {status}");
+        }
+    }
+
+    /// Issue 16 defect 9: fewer diff_ids than layers silently turned verification off for the
+    /// rest; Docker refuses such an image, and so do we.
+    #[test]
+    fn diff_ids_must_match_the_layers() {
+        let fake = Fake::start(Knobs::default());
+        push_image_with_diff_ids(&fake, "short", &[digest(b"only one")]);
+        push_image_with_diff_ids(&fake, "none", &[]);
+        for tag in ["short", "none"] {
+            let c = client(&fake, &format!("team/app:{tag}"), Credentials::Anonymous);
+            let e = c.resolve_manifest().unwrap_err().to_string();
+            assert!(e.contains("diff_ids") && e.contains("2 layers"), "{tag}: {e}");
         }
     }
 

@@ -999,7 +999,11 @@ mod pull_tests {
         // Tag moved: the new manifest is fetched by digest; unchanged layers are reused.
         let l3 = vec![9u8; 2048];
         let d3 = fake.add_blob(&l3);
-        let cfg = r#"{"architecture":"amd64","os":"linux","config":{"Cmd":["bash"]}}"#.to_string();
+        let cfg = format!(
+            r#"{{"architecture":"amd64","os":"linux","config":{{"Cmd":["bash"]}},"rootfs":{{"type":"layers","diff_ids":["{}","{}"]}}}}"#,
+            digest(b"diff 1"),
+            digest(b"diff 3")
+        );
         let dc = fake.add_blob(cfg.as_bytes());
         let m = format!(
             r#"{{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":{{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"{dc}","size":{}}},"layers":[{{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","digest":"{}","size":{}}},{{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","digest":"{d3}","size":2048}}]}}"#,
