@@ -552,6 +552,10 @@ fn prepare_overlay(
 
 /// Mounts with lower directories named relative to `base`: the kernel resolves relative lowerdir
 /// paths against the caller's working directory, which keeps the option string short.
+///
+/// PID 1 is multithreaded, and `chdir` changes the working directory of every thread sharing the
+/// file-system context; so the mount runs on a thread of its own that first unshares that context
+/// (`CLONE_FS`) and only then changes directory.
 fn mount_relative(
     kernel: &dyn Kernel,
     base: &Path,
@@ -560,11 +564,19 @@ fn mount_relative(
     work: &Path,
     target: &Path,
 ) -> std::io::Result<()> {
-    let prev = std::env::current_dir()?;
-    std::env::set_current_dir(base)?;
-    let r = kernel.mount_overlay(lowers, upper, work, target);
-    std::env::set_current_dir(prev)?;
-    r
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: unshare(CLONE_FS) only gives this thread a private copy of its cwd, root
+            // and umask; it touches no memory.
+            if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            std::env::set_current_dir(base)?;
+            kernel.mount_overlay(lowers, upper, work, target)
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
 }
 
 /// Undoes what a previous start (or a crash) left: the workspace always starts from the image.
@@ -642,6 +654,21 @@ mod tests {
             path,
             diff_id: None,
         }
+    }
+
+    /// Issue 16 defect 9: the relative overlay mount changed the working directory of the whole
+    /// multithreaded PID 1 (every thread resolving a relative path meanwhile saw the cache).
+    #[test]
+    fn relative_overlay_mount_keeps_the_process_cwd() {
+        let tmp = tempfile::tempdir().unwrap();
+        let k = crate::sys::fake::RecordingKernel::default();
+        let before = std::fs::read_link("/proc/self/cwd").unwrap();
+        let p = tmp.path();
+        mount_relative(&k, p, &[Path::new("l/t")], &p.join("u"), &p.join("w"), &p.join("m"))
+            .unwrap();
+        let cwds = k.overlay_cwds.lock().unwrap().clone();
+        assert_eq!(cwds, [(p.to_path_buf(), before.clone())]);
+        assert_eq!(std::fs::read_link("/proc/self/cwd").unwrap(), before);
     }
 
     /// Issue 16 defect 2: a published layer is trusted forever by every pod sharing the cache,
