@@ -1814,15 +1814,15 @@ impl RegistryClient {
             }
             let loc = header(&resp, "location").ok_or_else(|| {
                 Failure::Fatal(RegistryError::Http {
-                    url: url.clone(),
+                    url: redact_url(&url),
                     status: status.as_u16(),
                     detail: " (redirect without Location)".into(),
                 })
             })?;
             let next = resolve_location(&url, &loc).ok_or_else(|| {
                 Failure::Fatal(RegistryError::Request {
-                    url: url.clone(),
-                    detail: format!("invalid redirect location {loc:?}"),
+                    url: redact_url(&url),
+                    detail: format!("invalid redirect location {:?}", redact_url(&loc)),
                 })
             })?;
             if url.starts_with("https://")
@@ -1831,7 +1831,7 @@ impl RegistryClient {
                 && !self.opts.plain_http
             {
                 return Err(Failure::Fatal(RegistryError::Request {
-                    url,
+                    url: redact_url(&url),
                     detail: "refusing a redirect from https to plain http".into(),
                 }));
             }
@@ -1839,12 +1839,14 @@ impl RegistryClient {
             url = next;
         }
         Err(Failure::Fatal(RegistryError::Request {
-            url,
+            url: redact_url(&url),
             detail: format!("more than {MAX_REDIRECTS} redirects"),
         }))
     }
 
     fn classify(&self, e: ureq::Error, url: &str) -> Failure {
+        // A redirect target's query is often a presigned credential: never shown.
+        let url = &redact_url(url);
         let registry = self.image.registry.clone();
         let tls_err = match &e {
             ureq::Error::Rustls(r) => Some(r.clone()),
@@ -2102,6 +2104,15 @@ fn pct_encode(s: &str) -> String {
 fn parse_content_range_start(v: &str) -> Option<u64> {
     let rest = v.trim().strip_prefix("bytes")?.trim_start();
     rest.split('-').next()?.trim().parse().ok()
+}
+
+/// `url` without its query and fragment, for messages: the query of a redirect to object
+/// storage is a presigned credential (`X-Amz-Signature=…`).
+fn redact_url(url: &str) -> String {
+    match url.find(['?', '#']) {
+        Some(i) => format!("{}?<redacted>", &url[..i]),
+        None => url.to_string(),
+    }
 }
 
 /// The host of an absolute URL, lower-cased, without the port.
@@ -3174,6 +3185,23 @@ mod tests {
             let c = client(&fake, &format!("team/app:{tag}"), Credentials::Anonymous);
             let e = c.resolve_manifest().unwrap_err().to_string();
             assert!(e.contains("diff_ids") && e.contains("2 layers"), "{tag}: {e}");
+        }
+    }
+
+    /// Issue 16 defect 9: a presigned redirect URL (object storage) is a credential; it must
+    /// not reach retry warnings or errors.
+    #[test]
+    fn presigned_urls_stay_out_of_messages() {
+        let fake = Fake::start(Knobs::default());
+        let c = client(&fake, "team/app:v1", Credentials::Anonymous);
+        let url = "https://bucket.s3.example.com/blobs/x?X-Amz-Signature=deadbeef1234&X-Amz-Credential=AKIA";
+        for e in [ureq::Error::ConnectionFailed, ureq::Error::HostNotFound] {
+            let msg = match c.classify(e, url) {
+                Failure::Transient(m) | Failure::NotTls(m) => m,
+                Failure::Fatal(e) => e.to_string(),
+            };
+            assert!(!msg.contains("deadbeef1234") && !msg.contains("AKIA"), "{msg}");
+            assert!(msg.contains("bucket.s3.example.com/blobs/x"), "{msg}");
         }
     }
 
