@@ -73,7 +73,7 @@ fn pull(a: &cli::PullArgs) -> ExitCode {
         Err(e) => return config_error(&e),
     };
     if let Some(s) = &cfg.pull_secret {
-        secrets::register(s);
+        image::auth::register_pull_secret(s);
     }
     init_logging(config::parse_bool("CODER_DEBUG", &a.debug).unwrap_or(false));
     let log = BuildLog::stderr();
@@ -118,6 +118,9 @@ fn docker(a: &cli::DockerArgs) -> ExitCode {
     };
     for s in cfg.secrets() {
         secrets::register(s);
+    }
+    if let Some(s) = &cfg.image.pull_secret {
+        image::auth::register_pull_secret(s);
     }
     init_logging(cfg.debug);
     // The pod's network is read, not changed: a bad link plan is a configuration error too.

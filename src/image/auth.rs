@@ -401,6 +401,62 @@ pub fn resolve_with(
     })
 }
 
+/// Registers with the output scrubber the pull secret and every credential inside it: passwords,
+/// `auth` values (and what they decode to, and the `Authorization` header a username and password
+/// make), identity and registry tokens. The whole JSON alone would not match any of them when a
+/// single value shows up in a message.
+pub fn register_pull_secret(secret: &crate::secrets::Secret) {
+    crate::secrets::register(secret);
+    for v in secret_values(secret.expose()) {
+        crate::secrets::register_value(&v);
+    }
+}
+
+fn secret_values(text: &str) -> Vec<String> {
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let Some(s) = v.as_str() else {
+                        walk(v, out);
+                        continue;
+                    };
+                    match k.to_ascii_lowercase().as_str() {
+                        "password" | "identitytoken" | "registrytoken" | "token"
+                        | "access_token" | "secret" => out.push(s.to_string()),
+                        "auth" => {
+                            out.push(s.to_string());
+                            let b64 = base64::engine::general_purpose::STANDARD;
+                            if let Ok(Ok(text)) = b64.decode(s.trim()).map(String::from_utf8) {
+                                if let Some((_, pass)) = text.split_once(':') {
+                                    out.push(pass.trim_end_matches('\0').to_string());
+                                }
+                                out.push(text);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                if let (Some(u), Some(p)) = (
+                    m.get("username").and_then(|v| v.as_str()),
+                    m.get("password").and_then(|v| v.as_str()),
+                ) {
+                    out.push(
+                        base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}")),
+                    );
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
+        walk(&v, &mut out);
+    }
+    out
+}
+
 /// Normalise a registry or config key: strip scheme, path and trailing `/`, lower-case the host,
 /// map Docker Hub aliases to `docker.io`.
 pub fn normalize_key(key: &str) -> String {
@@ -856,6 +912,31 @@ mod tests {
         let r = secret("registry-b.example.com", &any).unwrap();
         assert_eq!(r.credentials, basic("op", "pw"));
         assert!(r.warnings.iter().any(|w| w.contains("empty key")), "{:?}", r.warnings);
+    }
+
+    /// Issue 16 defect 9: the scrubber knew the whole pull-secret JSON, which never appears in
+    /// output, but not the credentials inside it, which can.
+    #[test]
+    fn pull_secret_values_are_scrubbed() {
+        let s = format!(
+            r#"{{"auths":{{"a.io":{{"username":"me","password":"pw-d9-first"}},
+                "b.io":{{"auth":"{}"}},"c.io":{{"identitytoken":"idt-d9-third"}},
+                "d.io":{{"registrytoken":"rt-d9-fourth"}}}}}}"#,
+            b64("you:pw-d9-second")
+        );
+        register_pull_secret(&crate::secrets::Secret::new(s));
+        for leaked in [
+            "pw-d9-first".to_string(),
+            b64("me:pw-d9-first"),
+            b64("you:pw-d9-second"),
+            "pw-d9-second".to_string(),
+            "idt-d9-third".to_string(),
+            "rt-d9-fourth".to_string(),
+        ] {
+            let line = format!("retrying: Authorization: Basic {leaked} was refused");
+            let out = crate::secrets::scrub(&line);
+            assert!(!out.contains(&leaked), "{out}");
+        }
     }
 
     #[test]

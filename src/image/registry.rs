@@ -1153,6 +1153,17 @@ impl RegistryClient {
             .timeout_per_read(Some(opts.read_timeout))
             .user_agent(concat!("envbox/", env!("CARGO_PKG_VERSION")))
             .build();
+        // Credentials from a credential helper were never registered as secrets anywhere else.
+        match &credentials {
+            Credentials::Basic { username, password } => {
+                crate::secrets::register_value(password);
+                crate::secrets::register_value(
+                    &basic_header(username, password)["Basic ".len()..],
+                );
+            }
+            Credentials::IdentityToken(t) => crate::secrets::register_value(t),
+            Credentials::Anonymous => {}
+        }
         let tls = if opts.insecure || opts.plain_http {
             roots.insecure_rustls_config()
         } else {
@@ -2056,11 +2067,14 @@ impl RegistryClient {
                 .map_err(|e| terr(format!("reading the response: {e}")))?;
             let t: TokenResponse = serde_json::from_slice(&body)
                 .map_err(|e| terr(format!("unparsable response ({:?})", e.classify())))?;
-            return t
+            let token = t
                 .token
                 .filter(|t| !t.is_empty())
                 .or(t.access_token.filter(|t| !t.is_empty()))
-                .ok_or_else(|| terr("the response has no token".into()));
+                .ok_or_else(|| terr("the response has no token".into()))?;
+            // A bearer token is a credential for as long as it lives.
+            crate::secrets::register_value(&token);
+            return Ok(token);
         }
     }
 }
