@@ -47,6 +47,18 @@ pub enum StoreError {
         actual: String,
         size: u64,
     },
+    #[error("stopped while waiting for another download of the same blob")]
+    Cancelled,
+    #[error(
+        "blob {digest} is being downloaded by another process that has made no progress for \
+         {secs} s (it holds {lock}); retrying later, or removing that file if no envbox on this \
+         node is pulling, helps"
+    )]
+    LockStalled {
+        digest: String,
+        lock: PathBuf,
+        secs: f32,
+    },
     #[error("size mismatch for {digest}: expected {expected} bytes, got {actual}; the partial download was deleted")]
     SizeMismatch {
         digest: String,
@@ -71,7 +83,15 @@ fn hex_of(digest: &str) -> Result<&str, StoreError> {
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     root: PathBuf,
+    /// How long to wait for another writer's lock while its partial file does not grow.
+    pub(crate) lock_stall: Duration,
 }
+
+/// A writer holding a blob's lock is normally downloading it; one whose partial file has not
+/// grown for this long is stuck (a frozen process, a hung mount), and waiting longer helps nobody.
+const LOCK_STALL: Duration = Duration::from_secs(300);
+/// How often a waiter checks the lock, the stop flag and the holder's progress.
+const LOCK_POLL: Duration = Duration::from_millis(100);
 
 impl BlobStore {
     /// Open (creating directories as needed) the cache at `cache_dir`.
@@ -86,6 +106,7 @@ impl BlobStore {
         }
         Ok(BlobStore {
             root: cache_dir.to_path_buf(),
+            lock_stall: LOCK_STALL,
         })
     }
 
@@ -119,19 +140,54 @@ impl BlobStore {
         digest: &str,
         size: Option<u64>,
     ) -> Result<Option<BlobWriter>, StoreError> {
+        self.writer_cancellable(digest, size, &AtomicBool::new(false))
+    }
+
+    /// [`writer`](Self::writer) that stops waiting for the lock when `cancel` is set
+    /// ([`StoreError::Cancelled`]) or when the holder makes no progress for a while.
+    pub fn writer_cancellable(
+        &self,
+        digest: &str,
+        size: Option<u64>,
+        cancel: &AtomicBool,
+    ) -> Result<Option<BlobWriter>, StoreError> {
         let hex = hex_of(digest)?.to_string();
         if self.has(digest) {
             return Ok(None);
         }
         let lock_path = self.lock_path(&hex);
-        let lock = lock_file(&lock_path)?;
+        let partial = self.partial_path(&hex);
+        let mut last_size = None;
+        let mut since = Instant::now();
+        let mut wait = || -> Result<bool, StoreError> {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(StoreError::Cancelled);
+            }
+            if self.has(digest) {
+                return Ok(false);
+            }
+            let now = fs::metadata(&partial).map(|m| m.len()).ok();
+            if now != last_size {
+                last_size = now;
+                since = Instant::now();
+            } else if since.elapsed() >= self.lock_stall {
+                return Err(StoreError::LockStalled {
+                    digest: digest.to_string(),
+                    lock: lock_path.clone(),
+                    secs: self.lock_stall.as_secs_f32(),
+                });
+            }
+            Ok(true)
+        };
+        let Some(lock) = lock_file(&lock_path, &mut wait)? else {
+            return Ok(None);
+        };
         // Re-check after acquiring: the previous holder may have completed the blob.
         if self.has(digest) {
             let _ = fs::remove_file(&lock_path);
             drop(lock);
             return Ok(None);
         }
-        let partial = self.partial_path(&hex);
         let mut file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -245,7 +301,12 @@ impl BlobStore {
 
 /// Opens and exclusively locks the lock file at `path`. A holder removes the file when done (so no
 /// lock files pile up in `tmp/`); a waiter that then gets the lock on the removed file starts over.
-fn lock_file(path: &Path) -> Result<File, StoreError> {
+/// While another process holds it, `wait` is asked every [`LOCK_POLL`] whether to keep waiting
+/// (`Ok(false)`: stop, the caller no longer needs the lock).
+fn lock_file(
+    path: &Path,
+    wait: &mut dyn FnMut() -> Result<bool, StoreError>,
+) -> Result<Option<File>, StoreError> {
     loop {
         let lock = OpenOptions::new()
             .create(true)
@@ -253,16 +314,27 @@ fn lock_file(path: &Path) -> Result<File, StoreError> {
             .write(true)
             .open(path)
             .map_err(io_err("open lock file", path))?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).map_err(|e| {
-            StoreError::Io {
-                op: "flock",
-                path: path.to_path_buf(),
-                source: e.into(),
+        loop {
+            match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => break,
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    if !wait()? {
+                        return Ok(None);
+                    }
+                    std::thread::sleep(LOCK_POLL);
+                }
+                Err(e) => {
+                    return Err(StoreError::Io {
+                        op: "flock",
+                        path: path.to_path_buf(),
+                        source: e.into(),
+                    })
+                }
             }
-        })?;
+        }
         let ours = lock.metadata().map_err(io_err("stat", path))?;
         match fs::metadata(path) {
-            Ok(m) if m.ino() == ours.ino() && m.dev() == ours.dev() => return Ok(lock),
+            Ok(m) if m.ino() == ours.ino() && m.dev() == ours.dev() => return Ok(Some(lock)),
             Ok(_) => continue,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io_err("stat", path)(e)),
@@ -641,7 +713,11 @@ fn download_one(
     failed: &AtomicBool,
     report: &(dyn Fn(bool) + Sync),
 ) -> Result<(), PullError> {
-    let Some(mut w) = store.writer(&desc.digest, Some(desc.size))? else {
+    let w = match store.writer_cancellable(&desc.digest, Some(desc.size), cancel) {
+        Err(StoreError::Cancelled) => return Err(PullError::Cancelled),
+        other => other?,
+    };
+    let Some(mut w) = w else {
         // Another process completed it while we waited for the lock.
         state.bytes_done.fetch_add(desc.size, Ordering::Relaxed);
         return Ok(());
@@ -899,6 +975,41 @@ mod tests {
         )
         .unwrap();
         assert!(s.load_ref(&r).is_none(), "a record of {y} was read for {r}");
+    }
+
+    /// Issue 16 defect 9: waiting for another writer's blob lock ignored a stop request and
+    /// had no bound.
+    #[test]
+    fn blob_lock_wait_is_cancellable_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = BlobStore::open(dir.path()).unwrap();
+        s.lock_stall = Duration::from_millis(600);
+        let held = s.writer(HELLO, Some(5)).unwrap().unwrap();
+        let cancel = AtomicBool::new(false);
+        let started = Instant::now();
+        let result = std::thread::scope(|sc| {
+            let h = sc.spawn(|| s.writer_cancellable(HELLO, Some(5), &cancel).map(|w| w.is_some()));
+            std::thread::sleep(Duration::from_millis(100));
+            cancel.store(true, Ordering::SeqCst);
+            // The old code waited for the holder: release it after a while so the test ends.
+            while !h.is_finished() && started.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let finished_alone = h.is_finished();
+            if !finished_alone {
+                drop(held);
+            }
+            (finished_alone, h.join().unwrap())
+        });
+        assert!(result.0, "still waiting for the lock after a stop request");
+        assert!(matches!(result.1, Err(StoreError::Cancelled)), "{:?}", result.1);
+        // A holder that makes no progress is given up on after the stall bound.
+        let _held = s.writer(&sha256_digest(b"x"), Some(1)).unwrap().unwrap();
+        let never = AtomicBool::new(false);
+        let t = Instant::now();
+        let e = s.writer_cancellable(&sha256_digest(b"x"), Some(1), &never).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert!(e.to_string().contains("no progress"), "{e}");
     }
 
     #[test]
