@@ -270,6 +270,52 @@ impl BlobStore {
         Ok(dest)
     }
 
+    /// Removes from `tmp/` what no writer is using: partial downloads untouched for `max_age`
+    /// whose blob lock is free (nobody pulls that blob now; a later pull just starts over), and
+    /// leftovers of interrupted [`atomic_write`]s older than an hour. Returns how many.
+    pub fn sweep_tmp(&self, max_age: Duration) -> Result<usize, StoreError> {
+        let tmp = self.root.join("tmp");
+        let old = |p: &Path, age: Duration| {
+            fs::symlink_metadata(p)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|e| e >= age)
+        };
+        let mut removed = 0;
+        for e in fs::read_dir(&tmp).map_err(io_err("read directory", &tmp))? {
+            let e = e.map_err(io_err("read directory", &tmp))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let p = e.path();
+            if crate::image::durable::is_atomic_tmp(&name) {
+                if old(&p, Duration::from_secs(3600)) && fs::remove_file(&p).is_ok() {
+                    removed += 1;
+                }
+                continue;
+            }
+            let Some(hex) = name.strip_suffix(".partial") else {
+                continue;
+            };
+            if !old(&p, max_age) {
+                continue;
+            }
+            let lock_path = self.lock_path(hex);
+            // Never wait: a held lock means a live download.
+            let Some(lock) = lock_file(&lock_path, &mut || Ok(false))? else {
+                continue;
+            };
+            // Checked again under the lock: the previous holder may just have written to it.
+            if old(&p, max_age) && fs::remove_file(&p).is_ok() {
+                log::info!("removed {}, a download nobody resumed", p.display());
+                removed += 1;
+            }
+            // Removing the lock file while holding it is what `lock_file` expects.
+            let _ = fs::remove_file(&lock_path);
+            drop(lock);
+        }
+        Ok(removed)
+    }
+
     fn ref_path(&self, image: &ImageRef) -> PathBuf {
         self.root.join("refs").join(escape_ref(&image.to_string()))
     }
@@ -1010,6 +1056,47 @@ mod tests {
         let e = s.writer_cancellable(&sha256_digest(b"x"), Some(1), &never).unwrap_err();
         assert!(t.elapsed() < Duration::from_secs(5));
         assert!(e.to_string().contains("no progress"), "{e}");
+    }
+
+    /// Issue 16 defect 9: partial downloads of blobs nobody pulls any more stayed in `tmp/`
+    /// forever.
+    #[test]
+    fn idle_partials_and_temporaries_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let tmp = dir.path().join("tmp");
+        let age = |p: &Path, secs: u64| {
+            let f = File::options().write(true).open(p).unwrap();
+            f.set_modified(std::time::SystemTime::now() - Duration::from_secs(secs))
+                .unwrap();
+        };
+        let old = sha256_digest(b"old");
+        let fresh = sha256_digest(b"fresh");
+        let busy = sha256_digest(b"busy");
+        for d in [&old, &fresh, &busy] {
+            fs::write(tmp.join(format!("{}.partial", &d[7..])), b"part").unwrap();
+        }
+        age(&tmp.join(format!("{}.partial", &old[7..])), 3 * 86400);
+        let mut w = s.writer(&busy, None).unwrap().unwrap();
+        w.write_all(b"more").unwrap();
+        age(&tmp.join(format!("{}.partial", &busy[7..])), 3 * 86400);
+        let stray = tmp.join(format!("x.{}.tmp", crate::image::durable::random_hex()));
+        fs::write(&stray, b"").unwrap();
+        age(&stray, 7200);
+        let removed = s.sweep_tmp(Duration::from_secs(86400)).unwrap();
+        assert_eq!(removed, 2);
+        let mut left: Vec<String> = fs::read_dir(&tmp)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut want = vec![
+            format!("{}.partial", &fresh[7..]),
+            format!("{}.partial", &busy[7..]),
+            format!("{}.lock", &busy[7..]),
+        ];
+        want.sort();
+        assert_eq!(left, want);
     }
 
     #[test]
