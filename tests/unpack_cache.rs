@@ -325,3 +325,56 @@ fn full_cache_falls_back_to_ephemeral_storage() {
         assert_no_tmp(&cache);
     }
 }
+
+/// Not a test: times a cold unpack of a real tree into the layer cache (issue 16 asks what the
+/// sync before publishing costs). `ENVBOX_BENCH_TREE=/usr/lib/python3.11 cargo test --release
+/// --test unpack_cache -- --ignored --nocapture cold_unpack_cost`; the cache goes under
+/// `ENVBOX_BENCH_DIR` (default /var/tmp) so it is on a disk, not tmpfs.
+#[test]
+#[ignore]
+fn cold_unpack_cost() {
+    let tree = std::env::var("ENVBOX_BENCH_TREE").unwrap_or_else(|_| "/usr/lib/python3".into());
+    let base = std::env::var("ENVBOX_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
+    let work = tempfile::tempdir_in(&base).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(false);
+    b.append_dir_all("t", &tree).unwrap();
+    let tar = b.into_inner().unwrap();
+    let path = work.path().join("layer.tar");
+    fs::write(&path, &tar).unwrap();
+    let files = walk_count(Path::new(&tree));
+    let layer = LayerBlob {
+        digest: sha(&tar),
+        media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+        path,
+        diff_id: Some(sha(&tar)),
+    };
+    for run in 0..3 {
+        let cache_dir = work.path().join(format!("cache{run}"));
+        let cache = LayerCache::open(&cache_dir).unwrap();
+        // Start from a clean page cache state of dirty data, so each run pays only for its own.
+        Command::new("sync").status().unwrap();
+        let t = std::time::Instant::now();
+        cache.ensure(&layer, &[]).unwrap();
+        println!(
+            "cold unpack run {run}: {} entries, {} MiB: {:?}",
+            files,
+            tar.len() >> 20,
+            t.elapsed()
+        );
+    }
+}
+
+fn walk_count(p: &Path) -> usize {
+    let mut n = 1;
+    if let Ok(rd) = fs::read_dir(p) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                n += walk_count(&e.path());
+            } else {
+                n += 1;
+            }
+        }
+    }
+    n
+}

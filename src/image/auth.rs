@@ -441,9 +441,7 @@ fn secret_values(text: &str) -> Vec<String> {
                     m.get("username").and_then(|v| v.as_str()),
                     m.get("password").and_then(|v| v.as_str()),
                 ) {
-                    out.push(
-                        base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}")),
-                    );
+                    out.push(base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}")));
                 }
             }
             serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
@@ -894,15 +892,27 @@ mod tests {
             r#"{{"auths":{{"registry-a.example.com":{{"auth":"{}"}}}}}}"#,
             b64("op:hunter2")
         );
-        for reg in ["registry-b.example.com", "docker.io", "registry-a.example.com:5000"] {
+        for reg in [
+            "registry-b.example.com",
+            "docker.io",
+            "registry-a.example.com:5000",
+        ] {
             let r = secret(reg, &only_a).unwrap();
-            assert_eq!(r.credentials, Credentials::Anonymous, "{reg}: {}", r.description);
+            assert_eq!(
+                r.credentials,
+                Credentials::Anonymous,
+                "{reg}: {}",
+                r.description
+            );
             let f = write(dir.path(), &only_a);
             let r = resolve_with(reg, None, &f, &FakeHelpers::new(&[])).unwrap();
             assert_eq!(r.credentials, Credentials::Anonymous, "{reg} (file)");
         }
         // Docker's key forms still match their registry.
-        for key in ["https://registry-a.example.com/v1/", "http://registry-a.example.com"] {
+        for key in [
+            "https://registry-a.example.com/v1/",
+            "http://registry-a.example.com",
+        ] {
             let s = format!(r#"{{"auths":{{"{key}":{{"auth":"{}"}}}}}}"#, b64("op:pw"));
             let r = secret("registry-a.example.com", &s).unwrap();
             assert_eq!(r.credentials, basic("op", "pw"), "{key}");
@@ -911,7 +921,11 @@ mod tests {
         let any = format!(r#"{{"auths":{{"":{{"auth":"{}"}}}}}}"#, b64("op:pw"));
         let r = secret("registry-b.example.com", &any).unwrap();
         assert_eq!(r.credentials, basic("op", "pw"));
-        assert!(r.warnings.iter().any(|w| w.contains("empty key")), "{:?}", r.warnings);
+        assert!(
+            r.warnings.iter().any(|w| w.contains("empty key")),
+            "{:?}",
+            r.warnings
+        );
     }
 
     /// Issue 16 defect 9: the scrubber knew the whole pull-secret JSON, which never appears in

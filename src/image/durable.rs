@@ -41,13 +41,7 @@ pub fn random_hex() -> String {
     let mut filled = 0;
     while filled < b.len() {
         // SAFETY: the pointer and length describe the unfilled tail of `b`.
-        let n = unsafe {
-            libc::getrandom(
-                b[filled..].as_mut_ptr().cast(),
-                b.len() - filled,
-                0,
-            )
-        };
+        let n = unsafe { libc::getrandom(b[filled..].as_mut_ptr().cast(), b.len() - filled, 0) };
         if n > 0 {
             filled += n as usize;
         } else if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
@@ -138,7 +132,8 @@ pub fn is_atomic_tmp(name: &str) -> bool {
 
 /// The parent of `p`, for fsyncing after a rename into it.
 pub fn parent_of(p: &Path) -> PathBuf {
-    p.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    p.parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
 #[cfg(test)]
@@ -159,7 +154,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("a/b");
         private_dir(&p, 0o711).unwrap();
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o7777, 0o711);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o7777,
+            0o711
+        );
         fs::write(d.path().join("f"), b"").unwrap();
         assert!(private_dir(&d.path().join("f"), 0o700).is_err());
     }

@@ -1157,9 +1157,7 @@ impl RegistryClient {
         match &credentials {
             Credentials::Basic { username, password } => {
                 crate::secrets::register_value(password);
-                crate::secrets::register_value(
-                    &basic_header(username, password)["Basic ".len()..],
-                );
+                crate::secrets::register_value(&basic_header(username, password)["Basic ".len()..]);
             }
             Credentials::IdentityToken(t) => crate::secrets::register_value(t),
             Credentials::Anonymous => {}
@@ -1317,7 +1315,11 @@ impl RegistryClient {
             })?;
         // Each layer is verified against its diff_id while it is unpacked; a shorter list would
         // leave the layers past its end unverified (Docker refuses such images as well).
-        let diff_ids = raw.rootfs.as_ref().map(|r| r.diff_ids.clone()).unwrap_or_default();
+        let diff_ids = raw
+            .rootfs
+            .as_ref()
+            .map(|r| r.diff_ids.clone())
+            .unwrap_or_default();
         if diff_ids.len() != layers.len() {
             return Err(RegistryError::InvalidManifest {
                 reference: reference.clone(),
@@ -2494,7 +2496,12 @@ pub(crate) mod test_support {
                 416 => return (416, vec![], vec![], None),
                 _ => {
                     let hdr = format!("bytes 7-{}/{}", data.len() - 1, data.len());
-                    return (206, vec![("Content-Range".into(), hdr)], data[7..].to_vec(), None);
+                    return (
+                        206,
+                        vec![("Content-Range".into(), hdr)],
+                        data[7..].to_vec(),
+                        None,
+                    );
                 }
             }
             let range = req
@@ -3170,11 +3177,20 @@ mod tests {
                     None
                 }
             });
-            assert!(rx.recv().unwrap(), "HTTP {status}: still looping after 20 s");
+            assert!(
+                rx.recv().unwrap(),
+                "HTTP {status}: still looping after 20 s"
+            );
             let e = e.unwrap().unwrap_err();
-            assert!(matches!(e, RegistryError::Unreachable { .. }), "HTTP {status}: {e}");
+            assert!(
+                matches!(e, RegistryError::Unreachable { .. }),
+                "HTTP {status}: {e}"
+            );
             let n = fake.requests().len();
-            assert!(n <= 5, "HTTP {status}: {n} requests for a retry budget of 4");
+            assert!(
+                n <= 5,
+                "HTTP {status}: {n} requests for a retry budget of 4"
+            );
 
             // A stop request ends it at the next bad answer.
             drop(w);
@@ -3198,7 +3214,10 @@ mod tests {
         for tag in ["short", "none"] {
             let c = client(&fake, &format!("team/app:{tag}"), Credentials::Anonymous);
             let e = c.resolve_manifest().unwrap_err().to_string();
-            assert!(e.contains("diff_ids") && e.contains("2 layers"), "{tag}: {e}");
+            assert!(
+                e.contains("diff_ids") && e.contains("2 layers"),
+                "{tag}: {e}"
+            );
         }
     }
 
@@ -3214,7 +3233,10 @@ mod tests {
                 Failure::Transient(m) | Failure::NotTls(m) => m,
                 Failure::Fatal(e) => e.to_string(),
             };
-            assert!(!msg.contains("deadbeef1234") && !msg.contains("AKIA"), "{msg}");
+            assert!(
+                !msg.contains("deadbeef1234") && !msg.contains("AKIA"),
+                "{msg}"
+            );
             assert!(msg.contains("bucket.s3.example.com/blobs/x"), "{msg}");
         }
     }

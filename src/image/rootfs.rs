@@ -294,7 +294,9 @@ impl LayerCache {
         for n in names {
             let p = self.dir.join(n);
             match std::fs::symlink_metadata(&p) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((n.clone(), false)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok((n.clone(), false))
+                }
                 Err(e) => return Err(io("stat", &p)(e)),
                 Ok(_) if holds(&p, info) => return Ok((n.clone(), true)),
                 Ok(_) => log::warn!(
@@ -664,8 +666,15 @@ mod tests {
         let k = crate::sys::fake::RecordingKernel::default();
         let before = std::fs::read_link("/proc/self/cwd").unwrap();
         let p = tmp.path();
-        mount_relative(&k, p, &[Path::new("l/t")], &p.join("u"), &p.join("w"), &p.join("m"))
-            .unwrap();
+        mount_relative(
+            &k,
+            p,
+            &[Path::new("l/t")],
+            &p.join("u"),
+            &p.join("w"),
+            &p.join("m"),
+        )
+        .unwrap();
         let cwds = k.overlay_cwds.lock().unwrap().clone();
         assert_eq!(cwds, [(p.to_path_buf(), before.clone())]);
         assert_eq!(std::fs::read_link("/proc/self/cwd").unwrap(), before);
@@ -677,7 +686,12 @@ mod tests {
     fn layers_reach_the_disk_before_they_are_published() {
         let tmp = tempfile::tempdir().unwrap();
         let cache = LayerCache::open(&tmp.path().join("cache")).unwrap();
-        let l = tar_blob(tmp.path(), &format!("sha256:{}", "c".repeat(64)), "f", b"data");
+        let l = tar_blob(
+            tmp.path(),
+            &format!("sha256:{}", "c".repeat(64)),
+            "f",
+            b"data",
+        );
         crate::image::durable::take_events();
         let c = cache.ensure(&l, &[]).unwrap();
         let ev = crate::image::durable::take_events();
@@ -702,12 +716,26 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let cache = LayerCache::open(&tmp.path().join("cache")).unwrap();
         let prefix = "sha256:0123456789abcdef0123";
-        let a = tar_blob(tmp.path(), &format!("{prefix}{}", "a".repeat(44)), "a", b"A");
-        let b = tar_blob(tmp.path(), &format!("{prefix}{}", "b".repeat(44)), "b", b"B");
+        let a = tar_blob(
+            tmp.path(),
+            &format!("{prefix}{}", "a".repeat(44)),
+            "a",
+            b"A",
+        );
+        let b = tar_blob(
+            tmp.path(),
+            &format!("{prefix}{}", "b".repeat(44)),
+            "b",
+            b"B",
+        );
         let ca = cache.ensure(&a, &[]).unwrap();
         assert!(ca.unpacked);
         let cb = cache.ensure(&b, &[]).unwrap();
-        assert!(cb.unpacked, "layer {} reused the directory of {}", b.digest, a.digest);
+        assert!(
+            cb.unpacked,
+            "layer {} reused the directory of {}",
+            b.digest, a.digest
+        );
         assert_ne!(ca.name, cb.name);
         assert_eq!(std::fs::read(cache.lower_dir(&cb).join("b")).unwrap(), b"B");
         // Both are found again, each in its own directory.

@@ -341,7 +341,8 @@ impl BlobStore {
     pub fn save_ref(&self, image: &ImageRef, rec: &RefRecord) -> Result<(), StoreError> {
         let dest = self.ref_path(image);
         let bytes = serde_json::to_vec_pretty(rec).expect("serialisable");
-        atomic_write(&self.root.join("tmp"), &dest, &bytes).map_err(io_err("write reference", &dest))
+        atomic_write(&self.root.join("tmp"), &dest, &bytes)
+            .map_err(io_err("write reference", &dest))
     }
 }
 
@@ -894,7 +895,10 @@ mod tests {
         let ev = crate::image::durable::take_events();
         assert_eq!(ev.len(), 3, "{ev:?}");
         assert!(ev[0].starts_with("fsync "), "{ev:?}");
-        assert_eq!(ev[2], format!("fsync_dir {}", dir.path().join("refs").display()));
+        assert_eq!(
+            ev[2],
+            format!("fsync_dir {}", dir.path().join("refs").display())
+        );
     }
 
     #[test]
@@ -1034,7 +1038,10 @@ mod tests {
         let cancel = AtomicBool::new(false);
         let started = Instant::now();
         let result = std::thread::scope(|sc| {
-            let h = sc.spawn(|| s.writer_cancellable(HELLO, Some(5), &cancel).map(|w| w.is_some()));
+            let h = sc.spawn(|| {
+                s.writer_cancellable(HELLO, Some(5), &cancel)
+                    .map(|w| w.is_some())
+            });
             std::thread::sleep(Duration::from_millis(100));
             cancel.store(true, Ordering::SeqCst);
             // The old code waited for the holder: release it after a while so the test ends.
@@ -1048,12 +1055,18 @@ mod tests {
             (finished_alone, h.join().unwrap())
         });
         assert!(result.0, "still waiting for the lock after a stop request");
-        assert!(matches!(result.1, Err(StoreError::Cancelled)), "{:?}", result.1);
+        assert!(
+            matches!(result.1, Err(StoreError::Cancelled)),
+            "{:?}",
+            result.1
+        );
         // A holder that makes no progress is given up on after the stall bound.
         let _held = s.writer(&sha256_digest(b"x"), Some(1)).unwrap().unwrap();
         let never = AtomicBool::new(false);
         let t = Instant::now();
-        let e = s.writer_cancellable(&sha256_digest(b"x"), Some(1), &never).unwrap_err();
+        let e = s
+            .writer_cancellable(&sha256_digest(b"x"), Some(1), &never)
+            .unwrap_err();
         assert!(t.elapsed() < Duration::from_secs(5));
         assert!(e.to_string().contains("no progress"), "{e}");
     }

@@ -63,6 +63,9 @@ pub enum TarError {
     Invalid { what: &'static str },
 }
 
+/// PAX records as (key, value) pairs, in archive order.
+pub type PaxRecords = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// An entry's header with the GNU and PAX extensions that precede it applied.
 pub struct Entry {
     /// The entry's own header: type, mode, times, device numbers.
@@ -74,7 +77,7 @@ pub struct Entry {
     /// Content bytes that follow (the PAX `size` when there is one).
     pub size: u64,
     /// The PAX records for this entry (`path`, `linkpath`, `size`, `uid`, `gid` already applied).
-    pub pax: Vec<(Vec<u8>, Vec<u8>)>,
+    pub pax: PaxRecords,
 }
 
 impl Entry {
@@ -157,7 +160,9 @@ impl<R: Read> TarReader<R> {
 
     /// The body of an extension header, read only when it is within the limit.
     fn extension_body(&mut self, h: &tar::Header, what: &'static str) -> Result<Vec<u8>, TarError> {
-        let size = h.entry_size().map_err(|_| TarError::Invalid { what: "size field" })?;
+        let size = h
+            .entry_size()
+            .map_err(|_| TarError::Invalid { what: "size field" })?;
         if size > self.limits.max_extension {
             return Err(TarError::ExtensionTooLarge {
                 what,
@@ -182,7 +187,7 @@ impl<R: Read> TarReader<R> {
         self.skip(rest, "an entry's content")?;
         let mut long_name: Option<Vec<u8>> = None;
         let mut long_link: Option<Vec<u8>> = None;
-        let mut pax: Option<Vec<(Vec<u8>, Vec<u8>)>> = None;
+        let mut pax: Option<PaxRecords> = None;
         loop {
             let mut header = tar::Header::new_old();
             if !self.read_exact(header.as_mut_bytes(), "a header")? {
@@ -220,17 +225,22 @@ impl<R: Read> TarReader<R> {
                             what: "archive: two GNU long link names for one entry",
                         });
                     }
-                    long_link =
-                        Some(trim_nul(self.extension_body(&header, "a GNU long link name")?));
+                    long_link = Some(trim_nul(
+                        self.extension_body(&header, "a GNU long link name")?,
+                    ));
                 }
-                flag => return self.entry(header, flag, long_name, long_link, pax.unwrap_or_default()),
+                flag => {
+                    return self.entry(header, flag, long_name, long_link, pax.unwrap_or_default())
+                }
             }
         }
     }
 
     fn end<T>(&mut self, dangling: bool) -> Result<Option<T>, TarError> {
         if dangling {
-            return Err(TarError::Truncated("an entry (its extension headers have no entry)"));
+            return Err(TarError::Truncated(
+                "an entry (its extension headers have no entry)",
+            ));
         }
         Ok(None)
     }
@@ -241,7 +251,7 @@ impl<R: Read> TarReader<R> {
         flag: u8,
         long_name: Option<Vec<u8>>,
         long_link: Option<Vec<u8>>,
-        mut pax: Vec<(Vec<u8>, Vec<u8>)>,
+        mut pax: PaxRecords,
     ) -> Result<Option<Entry>, TarError> {
         self.entries += 1;
         if self.entries > self.limits.max_entries {
@@ -255,8 +265,12 @@ impl<R: Read> TarReader<R> {
         let mut size = header
             .entry_size()
             .map_err(|_| TarError::Invalid { what: "size field" })?;
-        let mut uid = header.uid().map_err(|_| TarError::Invalid { what: "uid field" })?;
-        let mut gid = header.gid().map_err(|_| TarError::Invalid { what: "gid field" })?;
+        let mut uid = header
+            .uid()
+            .map_err(|_| TarError::Invalid { what: "uid field" })?;
+        let mut gid = header
+            .gid()
+            .map_err(|_| TarError::Invalid { what: "gid field" })?;
         let number = |v: &[u8], what: &'static str| {
             std::str::from_utf8(v)
                 .ok()
@@ -378,22 +392,23 @@ fn check_sum(h: &tar::Header) -> Result<(), TarError> {
         + 8 * u32::from(b' ');
     match h.cksum() {
         Ok(c) if c == sum => Ok(()),
-        _ => Err(TarError::Checksum {
-            what: "an entry's",
-        }),
+        _ => Err(TarError::Checksum { what: "an entry's" }),
     }
 }
 
 /// Parses PAX records (`<len> <key>=<value>\n`).
-fn parse_pax(mut body: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, TarError> {
+fn parse_pax(mut body: &[u8]) -> Result<PaxRecords, TarError> {
     let mut out = Vec::new();
     while !body.is_empty() {
         if body.iter().all(|&b| b == 0) {
             break;
         }
-        let sp = body.iter().position(|&b| b == b' ').ok_or(TarError::Invalid {
-            what: "PAX record (no length)",
-        })?;
+        let sp = body
+            .iter()
+            .position(|&b| b == b' ')
+            .ok_or(TarError::Invalid {
+                what: "PAX record (no length)",
+            })?;
         let len: usize = std::str::from_utf8(&body[..sp])
             .ok()
             .and_then(|s| s.parse().ok())
@@ -405,9 +420,12 @@ fn parse_pax(mut body: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, TarError> {
         let rec = rec.strip_suffix(b"\n").ok_or(TarError::Invalid {
             what: "PAX record (no newline)",
         })?;
-        let eq = rec.iter().position(|&b| b == b'=').ok_or(TarError::Invalid {
-            what: "PAX record (no '=')",
-        })?;
+        let eq = rec
+            .iter()
+            .position(|&b| b == b'=')
+            .ok_or(TarError::Invalid {
+                what: "PAX record (no '=')",
+            })?;
         out.push((rec[..eq].to_vec(), rec[eq + 1..].to_vec()));
         body = &body[len..];
     }
@@ -455,7 +473,7 @@ mod tests {
         }
     }
 
-    fn all(bytes: &[u8], l: Limits) -> Result<Vec<(Vec<u8>, Vec<u8>)>, TarError> {
+    fn all(bytes: &[u8], l: Limits) -> Result<PaxRecords, TarError> {
         let mut r = TarReader::new(bytes, l);
         let mut out = Vec::new();
         while let Some(e) = r.next_entry()? {
@@ -489,9 +507,21 @@ mod tests {
         // An extension header over the cap is refused before its body is read.
         let t = block(&header(b'x', "pax", 1 << 30), b"");
         let e = all(&t, limits()).unwrap_err();
-        assert!(matches!(e, TarError::ExtensionTooLarge { size: 1073741824, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                TarError::ExtensionTooLarge {
+                    size: 1073741824,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let t = block(&header(b'L', "n", 5000), &[b'a'; 5000]);
-        assert!(matches!(all(&t, limits()), Err(TarError::ExtensionTooLarge { .. })));
+        assert!(matches!(
+            all(&t, limits()),
+            Err(TarError::ExtensionTooLarge { .. })
+        ));
         // Entry and byte budgets.
         let mut t = Vec::new();
         for i in 0..11 {
@@ -512,11 +542,21 @@ mod tests {
     fn sparse_formats_are_refused_by_name() {
         let t = block(&header(b'S', "gnu-sparse", 0), b"");
         let e = all(&t, limits()).unwrap_err();
-        assert!(e.to_string().contains("\"gnu-sparse\" is a sparse file (GNU format)"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("\"gnu-sparse\" is a sparse file (GNU format)"),
+            "{e}"
+        );
         for (keys, format) in [
-            (vec![("GNU.sparse.offset", "0"), ("GNU.sparse.numbytes", "1")], "PAX format 0.0"),
+            (
+                vec![("GNU.sparse.offset", "0"), ("GNU.sparse.numbytes", "1")],
+                "PAX format 0.0",
+            ),
             (vec![("GNU.sparse.map", "0,1")], "PAX format 0.1"),
-            (vec![("GNU.sparse.major", "1"), ("GNU.sparse.minor", "0")], "PAX format 1.0"),
+            (
+                vec![("GNU.sparse.major", "1"), ("GNU.sparse.minor", "0")],
+                "PAX format 1.0",
+            ),
         ] {
             let rec: Vec<u8> = keys.iter().flat_map(|(k, v)| pax_record(k, v)).collect();
             let mut t = block(&header(b'x', "pax", rec.len() as u64), &rec);

@@ -264,8 +264,7 @@ pub fn apply_layer(
         compression,
         shift,
         expected_diff_id,
-        Target::Flatten,
-        Limits::default(),
+        (Target::Flatten, Limits::default()),
     )
 }
 
@@ -303,8 +302,7 @@ pub fn apply_layer_overlay(
         compression,
         shift,
         expected_diff_id,
-        Target::Overlay,
-        Limits::default(),
+        (Target::Overlay, Limits::default()),
     )
 }
 
@@ -377,8 +375,7 @@ fn apply(
     compression: Compression,
     shift: &IdShift,
     expected_diff_id: Option<&str>,
-    target: Target,
-    limits: Limits,
+    (target, limits): (Target, Limits),
 ) -> Result<LayerStats, UnpackError> {
     let expected = expected_diff_id.map(parse_diff_id).transpose()?;
     let open_dir = |p: &Path| {
@@ -2460,7 +2457,10 @@ mod tests {
         assert_eq!(fs::read(s.p("x/b/f1")).unwrap(), b"1");
         assert!(lmeta(&s.p("a")).is_dir());
         assert_eq!(fs::read(s.p("a/b/f2")).unwrap(), b"2");
-        assert!(!s.p("x/b/f2").exists(), "f2 was written through the old symlink");
+        assert!(
+            !s.p("x/b/f2").exists(),
+            "f2 was written through the old symlink"
+        );
     }
 
     /// Issue 16 defect 5: a tiny layer must not be able to exhaust memory or disk.
@@ -2501,8 +2501,7 @@ mod tests {
                 Compression::None,
                 &SHIFT,
                 None,
-                Target::Flatten,
-                limits,
+                (Target::Flatten, limits),
             )
         };
         let mut l = Layer::new();
