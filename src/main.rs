@@ -73,7 +73,7 @@ fn pull(a: &cli::PullArgs) -> ExitCode {
         Err(e) => return config_error(&e),
     };
     if let Some(s) = &cfg.pull_secret {
-        secrets::register(s);
+        image::auth::register_pull_secret(s);
     }
     init_logging(config::parse_bool("CODER_DEBUG", &a.debug).unwrap_or(false));
     let log = BuildLog::stderr();
@@ -118,6 +118,9 @@ fn docker(a: &cli::DockerArgs) -> ExitCode {
     };
     for s in cfg.secrets() {
         secrets::register(s);
+    }
+    if let Some(s) = &cfg.image.pull_secret {
+        image::auth::register_pull_secret(s);
     }
     init_logging(cfg.debug);
     // The pod's network is read, not changed: a bad link plan is a configuration error too.
@@ -222,9 +225,11 @@ fn start_workspace(
     link: &Link,
 ) -> Result<Running, Abort> {
     let failed = |e: &dyn std::fmt::Display| Abort::Failed(e.to_string());
-    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
+    // 0711, not 0700: the container's root (host uid 100000 in its user namespace) must be able
+    // to traverse to the bundle's rootfs below, but nobody else may list or read what is here.
+    image::durable::private_dir(&cfg.state_dir, 0o711).map_err(|e| {
         Abort::Failed(format!(
-            "creating CODER_STATE_DIR {}: {e}",
+            "creating CODER_STATE_DIR {} (mode 0711): {e}",
             cfg.state_dir.display()
         ))
     })?;

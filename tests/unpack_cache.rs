@@ -325,3 +325,75 @@ fn full_cache_falls_back_to_ephemeral_storage() {
         assert_no_tmp(&cache);
     }
 }
+
+/// Not a test: times a cold unpack of a real tree into the layer cache (issue 16 asks what the
+/// sync before publishing costs). `ENVBOX_BENCH_TREE=/usr/lib/python3.11 cargo test --release
+/// --test unpack_cache -- --ignored --nocapture cold_unpack_cost`; the cache goes under
+/// `ENVBOX_BENCH_DIR` (default /var/tmp) so it is on a disk, not tmpfs.
+#[test]
+#[ignore]
+fn cold_unpack_cost() {
+    let tree = std::env::var("ENVBOX_BENCH_TREE").unwrap_or_else(|_| "/usr/lib/python3".into());
+    let base = std::env::var("ENVBOX_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
+    let work = tempfile::tempdir_in(&base).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(false);
+    b.append_dir_all("t", &tree).unwrap();
+    let tar = b.into_inner().unwrap();
+    let path = work.path().join("layer.tar");
+    fs::write(&path, &tar).unwrap();
+    let files = walk_count(Path::new(&tree));
+    let layer = LayerBlob {
+        digest: sha(&tar),
+        media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+        path,
+        diff_id: Some(sha(&tar)),
+    };
+    for run in 0..3 {
+        // Start with no dirty data, so each measurement pays only for its own.
+        Command::new("sync").status().unwrap();
+        // Without the sync: the bare unpack into a directory on the same file system.
+        let bare = work.path().join(format!("bare{run}"));
+        fs::create_dir(&bare).unwrap();
+        let t = std::time::Instant::now();
+        let f = std::io::BufReader::new(fs::File::open(&layer.path).unwrap());
+        envbox::image::unpack::apply_layer_overlay(
+            &bare,
+            &[],
+            f,
+            envbox::image::unpack::Compression::None,
+            &envbox::image::unpack::IdShift::ENVBOX,
+            layer.diff_id.as_deref(),
+        )
+        .unwrap();
+        let unpack = t.elapsed();
+        let t = std::time::Instant::now();
+        envbox::image::durable::syncfs(&bare).unwrap();
+        let sync = t.elapsed();
+        Command::new("sync").status().unwrap();
+        // What a cold start does: unpack, sync, publish.
+        let cache = LayerCache::open(&work.path().join(format!("cache{run}"))).unwrap();
+        let t = std::time::Instant::now();
+        cache.ensure(&layer, &[]).unwrap();
+        println!(
+            "run {run}: {files} entries, {} MiB: unpack alone {unpack:?} + its syncfs {sync:?}; \
+             LayerCache::ensure (unpack + syncfs + publish) {:?}",
+            tar.len() >> 20,
+            t.elapsed()
+        );
+    }
+}
+
+fn walk_count(p: &Path) -> usize {
+    let mut n = 1;
+    if let Ok(rd) = fs::read_dir(p) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                n += walk_count(&e.path());
+            } else {
+                n += 1;
+            }
+        }
+    }
+    n
+}

@@ -188,9 +188,10 @@ fn killed_unpack_is_never_used() {
         .unwrap()
         .to_string_lossy()
         .into_owned();
+    // Temporary names are random, not the pid: every envbox is PID 1 of its pod (issue 16).
     assert!(
-        name.contains(&format!("-{}-", child.id())),
-        "{name} names the dead unpacker"
+        name.starts_with(".tmp-"),
+        "{name} is not an unpack directory"
     );
     let partial = count(&child_tmp.join("t/data"));
     assert!(partial < FILES, "killed mid-way ({partial} files)");

@@ -6,8 +6,6 @@ pub mod gpu;
 pub mod mounts;
 pub mod spec;
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
@@ -253,16 +251,9 @@ fn create_empty_in_root(root: &Path, inner: &str, owner: (u32, u32)) -> std::io:
 
 /// Writes JSON readable by root only: config.json carries the agent token.
 pub fn write_private_json<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    serde_json::to_writer(&mut f, value).map_err(std::io::Error::other)?;
-    f.flush()?;
-    std::fs::rename(&tmp, path)
+    let bytes = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+    let dir = crate::image::durable::parent_of(path);
+    crate::image::durable::atomic_write(&dir, path, &bytes)
 }
 
 /// RLIMIT_NOFILE cannot exceed the pod's hard limit: raising it needs CAP_SYS_RESOURCE in the initial

@@ -4,14 +4,15 @@
 //! - keys are matched exactly after normalisation (scheme, trailing `/` and any path stripped, host
 //!   lower-cased, Docker Hub aliases unified), so `https://registry.example.com` matches
 //!   `registry.example.com` (envbox#102);
-//! - the keyless fallback (envbox#137) is deterministic: an entry with an empty key, else the *only*
-//!   entry (with a warning naming its key); we never pick among several entries;
+//! - credentials go only to the registry their key names: the one keyless fallback is an entry with
+//!   the empty key (envbox#137), an explicit "any registry" entry, used with a warning; the only
+//!   entry of a secret is *not* a fallback (whoever sets the image could collect it);
 //! - the docker config file never silently overrides the pull secret: the source with a match wins, and
 //!   when both match the pull secret wins;
 //! - every decision is described in one sentence for the log; secrets never appear in messages.
 //!
 //! Order inside one source: `credHelpers[key]`, then an `auths` entry for the key, then `credsStore`,
-//! then the keyless fallback.
+//! then the empty-key entry.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -400,6 +401,60 @@ pub fn resolve_with(
     })
 }
 
+/// Registers with the output scrubber the pull secret and every credential inside it: passwords,
+/// `auth` values (and what they decode to, and the `Authorization` header a username and password
+/// make), identity and registry tokens. The whole JSON alone would not match any of them when a
+/// single value shows up in a message.
+pub fn register_pull_secret(secret: &crate::secrets::Secret) {
+    crate::secrets::register(secret);
+    for v in secret_values(secret.expose()) {
+        crate::secrets::register_value(&v);
+    }
+}
+
+fn secret_values(text: &str) -> Vec<String> {
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let Some(s) = v.as_str() else {
+                        walk(v, out);
+                        continue;
+                    };
+                    match k.to_ascii_lowercase().as_str() {
+                        "password" | "identitytoken" | "registrytoken" | "token"
+                        | "access_token" | "secret" => out.push(s.to_string()),
+                        "auth" => {
+                            out.push(s.to_string());
+                            let b64 = base64::engine::general_purpose::STANDARD;
+                            if let Ok(Ok(text)) = b64.decode(s.trim()).map(String::from_utf8) {
+                                if let Some((_, pass)) = text.split_once(':') {
+                                    out.push(pass.trim_end_matches('\0').to_string());
+                                }
+                                out.push(text);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                if let (Some(u), Some(p)) = (
+                    m.get("username").and_then(|v| v.as_str()),
+                    m.get("password").and_then(|v| v.as_str()),
+                ) {
+                    out.push(base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}")));
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
+        walk(&v, &mut out);
+    }
+    out
+}
+
 /// Normalise a registry or config key: strip scheme, path and trailing `/`, lower-case the host,
 /// map Docker Hub aliases to `docker.io`.
 pub fn normalize_key(key: &str) -> String {
@@ -616,32 +671,22 @@ fn lookup(
             }));
         }
     }
-    // 4. keyless fallback: an empty key, else the only entry.
+    // 4. The empty key: an explicit "any registry" entry (envbox#137). Nothing else is ever
+    //    offered to a registry its key does not name — not even the only entry: whoever sets
+    //    the image reference picks the registry and could collect the credentials (Docker
+    //    never does this either).
     if let Some(entry) = cfg.auths.get("") {
         if let Ok(creds) = entry_credentials(entry) {
+            warnings.push(format!(
+                "{label}: using its auths entry with the empty key for registry {want:?}; that \
+                 entry is sent to any registry, name the registry in its key to restrict it"
+            ));
             return Ok(Some(Match {
                 creds,
                 exact: false,
-                what: "the auths entry with an empty key (fallback)".into(),
+                what: "the auths entry with an empty key (any registry)".into(),
             }));
         }
-    }
-    let usable: Vec<(&String, Credentials)> = cfg
-        .auths
-        .iter()
-        .filter_map(|(k, e)| entry_credentials(e).ok().map(|c| (k, c)))
-        .collect();
-    if usable.len() == 1 && cfg.auths.len() == 1 {
-        let (key, creds) = usable.into_iter().next().expect("one entry");
-        warnings.push(format!(
-            "{label} has no entry for registry {want:?}; using its only auths entry {key:?} as a \
-             fallback — fix the key if these credentials belong to another registry"
-        ));
-        return Ok(Some(Match {
-            creds,
-            exact: false,
-            what: format!("its only auths entry {key:?} (fallback, key does not match)"),
-        }));
     }
     Ok(None)
 }
@@ -817,13 +862,11 @@ mod tests {
         let r = secret("ghcr.io", &s).unwrap();
         assert_eq!(r.credentials, basic("e", "1"));
         assert!(r.description.contains("empty key"));
-        // A single entry with another key is used, with a warning naming the key.
+        // A single entry with another key is not used (issue 16): it belongs to another registry.
         let s = format!(r#"{{"auths":{{"other.io":{{"auth":"{}"}}}}}}"#, b64("o:2"));
         let r = secret("ghcr.io", &s).unwrap();
-        assert_eq!(r.credentials, basic("o", "2"));
-        assert_eq!(r.warnings.len(), 1);
-        assert!(r.warnings[0].contains("\"other.io\""));
-        assert!(r.description.contains("fallback"));
+        assert_eq!(r.credentials, Credentials::Anonymous);
+        assert!(r.description.contains("\"other.io\""), "{}", r.description);
         // Several non-matching entries: never pick one.
         let s = format!(
             r#"{{"auths":{{"a.io":{{"auth":"{}"}},"b.io":{{"auth":"{}"}}}}}}"#,
@@ -838,6 +881,76 @@ mod tests {
             "{}",
             r.description
         );
+    }
+
+    /// Issue 16 defect 1: a pull secret for registry A is never offered to registry B (anyone who
+    /// can set CODER_INNER_IMAGE could otherwise collect it), whichever source holds it.
+    #[test]
+    fn credentials_only_for_the_registry_they_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let only_a = format!(
+            r#"{{"auths":{{"registry-a.example.com":{{"auth":"{}"}}}}}}"#,
+            b64("op:hunter2")
+        );
+        for reg in [
+            "registry-b.example.com",
+            "docker.io",
+            "registry-a.example.com:5000",
+        ] {
+            let r = secret(reg, &only_a).unwrap();
+            assert_eq!(
+                r.credentials,
+                Credentials::Anonymous,
+                "{reg}: {}",
+                r.description
+            );
+            let f = write(dir.path(), &only_a);
+            let r = resolve_with(reg, None, &f, &FakeHelpers::new(&[])).unwrap();
+            assert_eq!(r.credentials, Credentials::Anonymous, "{reg} (file)");
+        }
+        // Docker's key forms still match their registry.
+        for key in [
+            "https://registry-a.example.com/v1/",
+            "http://registry-a.example.com",
+        ] {
+            let s = format!(r#"{{"auths":{{"{key}":{{"auth":"{}"}}}}}}"#, b64("op:pw"));
+            let r = secret("registry-a.example.com", &s).unwrap();
+            assert_eq!(r.credentials, basic("op", "pw"), "{key}");
+        }
+        // The empty key is an explicit "any registry" entry (envbox#137), said so in a warning.
+        let any = format!(r#"{{"auths":{{"":{{"auth":"{}"}}}}}}"#, b64("op:pw"));
+        let r = secret("registry-b.example.com", &any).unwrap();
+        assert_eq!(r.credentials, basic("op", "pw"));
+        assert!(
+            r.warnings.iter().any(|w| w.contains("empty key")),
+            "{:?}",
+            r.warnings
+        );
+    }
+
+    /// Issue 16 defect 9: the scrubber knew the whole pull-secret JSON, which never appears in
+    /// output, but not the credentials inside it, which can.
+    #[test]
+    fn pull_secret_values_are_scrubbed() {
+        let s = format!(
+            r#"{{"auths":{{"a.io":{{"username":"me","password":"pw-d9-first"}},
+                "b.io":{{"auth":"{}"}},"c.io":{{"identitytoken":"idt-d9-third"}},
+                "d.io":{{"registrytoken":"rt-d9-fourth"}}}}}}"#,
+            b64("you:pw-d9-second")
+        );
+        register_pull_secret(&crate::secrets::Secret::new(s));
+        for leaked in [
+            "pw-d9-first".to_string(),
+            b64("me:pw-d9-first"),
+            b64("you:pw-d9-second"),
+            "pw-d9-second".to_string(),
+            "idt-d9-third".to_string(),
+            "rt-d9-fourth".to_string(),
+        ] {
+            let line = format!("retrying: Authorization: Basic {leaked} was refused");
+            let out = crate::secrets::scrub(&line);
+            assert!(!out.contains(&leaked), "{out}");
+        }
     }
 
     #[test]

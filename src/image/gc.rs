@@ -316,7 +316,8 @@ fn remove_entry(cache_dir: &Path, e: &Entry, c: Claim) -> io::Result<()> {
         let tmp = layers.join(format!(
             "{GC_TMP_PREFIX}{}-{}-{i}",
             name.unwrap_or_default(),
-            std::process::id()
+            // Not the pid: every envbox is PID 1, so pids repeat across the pods sharing the cache.
+            crate::image::durable::random_hex()
         ));
         // Locked like the layer cache's private directories, so its sweeper leaves it to us.
         let lock = rfs::open(

@@ -1,12 +1,14 @@
 //! Getting the workspace image: reference, credentials, registry, verified store, unpacked layers.
 
 pub mod auth;
+pub mod durable;
 pub mod facts;
 pub mod gc;
 pub mod reference;
 pub mod registry;
 pub mod rootfs;
 pub mod store;
+pub mod tarstream;
 pub mod unpack;
 
 use std::sync::atomic::AtomicBool;
@@ -82,6 +84,12 @@ pub fn pull(
         },
     );
     let store = BlobStore::open(&cfg.cache_dir)?;
+    // Partial downloads nobody resumed within a day are not worth their disk space.
+    match store.sweep_tmp(Duration::from_secs(86400)) {
+        Ok(0) => {}
+        Ok(n) => log::info!("removed {n} stale temporary files from the cache"),
+        Err(e) => log::warn!("cleaning the cache's tmp/: {e}"),
+    }
     say(&format!("Pulling image {image}..."));
     let last = Mutex::new(Instant::now());
     let name = image.to_string();

@@ -1153,6 +1153,15 @@ impl RegistryClient {
             .timeout_per_read(Some(opts.read_timeout))
             .user_agent(concat!("envbox/", env!("CARGO_PKG_VERSION")))
             .build();
+        // Credentials from a credential helper were never registered as secrets anywhere else.
+        match &credentials {
+            Credentials::Basic { username, password } => {
+                crate::secrets::register_value(password);
+                crate::secrets::register_value(&basic_header(username, password)["Basic ".len()..]);
+            }
+            Credentials::IdentityToken(t) => crate::secrets::register_value(t),
+            Credentials::Anonymous => {}
+        }
         let tls = if opts.insecure || opts.plain_http {
             roots.insecure_rustls_config()
         } else {
@@ -1304,6 +1313,24 @@ impl RegistryClient {
                 reference: reference.clone(),
                 reason: format!("image config is not valid JSON: {e}"),
             })?;
+        // Each layer is verified against its diff_id while it is unpacked; a shorter list would
+        // leave the layers past its end unverified (Docker refuses such images as well).
+        let diff_ids = raw
+            .rootfs
+            .as_ref()
+            .map(|r| r.diff_ids.clone())
+            .unwrap_or_default();
+        if diff_ids.len() != layers.len() {
+            return Err(RegistryError::InvalidManifest {
+                reference: reference.clone(),
+                reason: format!(
+                    "the image configuration lists {} rootfs.diff_ids for {} layers; the image is \
+                     malformed, rebuild or re-push it",
+                    diff_ids.len(),
+                    layers.len()
+                ),
+            });
+        }
         let mut platform = format!("{}/{}", raw.os, raw.architecture);
         if let Some(v) = raw.variant.as_deref().filter(|v| !v.is_empty()) {
             platform.push('/');
@@ -1321,7 +1348,7 @@ impl RegistryClient {
             config: raw.config.unwrap_or_default(),
             config_digest: config.digest.clone(),
             platform,
-            diff_ids: raw.rootfs.map(|r| r.diff_ids).unwrap_or_default(),
+            diff_ids,
             layers,
         })
     }
@@ -1520,13 +1547,29 @@ impl RegistryClient {
                         let start = header(&resp, "content-range")
                             .and_then(|v| parse_content_range_start(&v));
                         if start != Some(from) {
-                            log::warn!("bad Content-Range for {}; restarting it", desc.digest);
-                            dest.reset()?;
+                            self.restart_after_bad_answer(
+                                &mut retry,
+                                dest,
+                                on_bytes,
+                                &format!(
+                                    "downloading {}: asked for bytes from {from}, got Content-Range {:?}",
+                                    desc.digest,
+                                    header(&resp, "content-range").unwrap_or_default()
+                                ),
+                            )?;
                             continue;
                         }
                     }
                     416 => {
-                        dest.reset()?;
+                        self.restart_after_bad_answer(
+                            &mut retry,
+                            dest,
+                            on_bytes,
+                            &format!(
+                                "downloading {}: HTTP 416 for bytes from {from}",
+                                desc.digest
+                            ),
+                        )?;
                         continue;
                     }
                     _ => {
@@ -1604,6 +1647,23 @@ impl RegistryClient {
         }
     }
 
+    /// A 416, or a 206 for other bytes than asked: start the blob over, but count it against the
+    /// retry budget (a server that always answers so would otherwise be asked forever) and give a
+    /// stop request its chance.
+    fn restart_after_bad_answer(
+        &self,
+        retry: &mut Retry,
+        dest: &mut BlobWriter,
+        on_bytes: &mut dyn FnMut(u64) -> ControlFlow<()>,
+        why: &str,
+    ) -> Result<(), RegistryError> {
+        dest.reset()?;
+        if on_bytes(0).is_break() {
+            return Err(RegistryError::Aborted);
+        }
+        self.retry_or_fail(retry, &format!("{why}; starting it over"))
+    }
+
     // ---- HTTP plumbing -------------------------------------------------------------------
 
     fn retry_or_fail(&self, retry: &mut Retry, why: &str) -> Result<(), RegistryError> {
@@ -1669,8 +1729,8 @@ impl RegistryClient {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
-            let resp = match self.send_once(req, auth.as_deref()) {
-                Ok(r) => {
+            let (resp, from_registry) = match self.send_once(req, auth.as_deref()) {
+                Ok((r, from_registry)) => {
                     if let Some(why) = http_probe.take() {
                         log::warn!(
                             "registry {} failed over HTTPS ({why}); using plain HTTP as it is marked insecure",
@@ -1680,7 +1740,7 @@ impl RegistryClient {
                     if !self.use_http.load(Ordering::Relaxed) {
                         self.https_ok.store(true, Ordering::Relaxed);
                     }
-                    r
+                    (r, from_registry)
                 }
                 Err(Failure::Fatal(e)) => return Err(e),
                 Err(Failure::NotTls(why)) | Err(Failure::Transient(why))
@@ -1715,7 +1775,9 @@ impl RegistryClient {
                         .filter_map(|v| v.to_str().ok())
                         .flat_map(parse_www_authenticate)
                         .collect();
-                    if auth_rounds > 2 || challenges.is_empty() {
+                    // Only the registry's own challenge is answered: a redirect target (object
+                    // storage) naming a token service must not get the registry's credentials.
+                    if auth_rounds > 2 || challenges.is_empty() || !from_registry {
                         return Ok(resp); // caller maps it to AuthFailed
                     }
                     self.authenticate(&challenges, retry)?;
@@ -1739,7 +1801,8 @@ impl RegistryClient {
     }
 
     /// One request plus manual redirect following.
-    fn send_once(&self, req: &Req, auth: Option<&str>) -> Result<Response<Body>, Failure> {
+    /// The flag says whether the response came from the registry's origin (not a redirect target).
+    fn send_once(&self, req: &Req, auth: Option<&str>) -> Result<(Response<Body>, bool), Failure> {
         let origin = self.origin();
         let mut url = format!("{origin}{}", req.path);
         let mut same_origin = true;
@@ -1760,19 +1823,19 @@ impl RegistryClient {
             let resp = b.call().map_err(|e| self.classify(e, &url))?;
             let status = resp.status();
             if !matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308) {
-                return Ok(resp);
+                return Ok((resp, same_origin));
             }
             let loc = header(&resp, "location").ok_or_else(|| {
                 Failure::Fatal(RegistryError::Http {
-                    url: url.clone(),
+                    url: redact_url(&url),
                     status: status.as_u16(),
                     detail: " (redirect without Location)".into(),
                 })
             })?;
             let next = resolve_location(&url, &loc).ok_or_else(|| {
                 Failure::Fatal(RegistryError::Request {
-                    url: url.clone(),
-                    detail: format!("invalid redirect location {loc:?}"),
+                    url: redact_url(&url),
+                    detail: format!("invalid redirect location {:?}", redact_url(&loc)),
                 })
             })?;
             if url.starts_with("https://")
@@ -1781,7 +1844,7 @@ impl RegistryClient {
                 && !self.opts.plain_http
             {
                 return Err(Failure::Fatal(RegistryError::Request {
-                    url,
+                    url: redact_url(&url),
                     detail: "refusing a redirect from https to plain http".into(),
                 }));
             }
@@ -1789,12 +1852,14 @@ impl RegistryClient {
             url = next;
         }
         Err(Failure::Fatal(RegistryError::Request {
-            url,
+            url: redact_url(&url),
             detail: format!("more than {MAX_REDIRECTS} redirects"),
         }))
     }
 
     fn classify(&self, e: ureq::Error, url: &str) -> Failure {
+        // A redirect target's query is often a presigned credential: never shown.
+        let url = &redact_url(url);
         let registry = self.image.registry.clone();
         let tls_err = match &e {
             ureq::Error::Rustls(r) => Some(r.clone()),
@@ -1905,9 +1970,22 @@ impl RegistryClient {
             realm: realm.clone(),
             detail,
         };
+        // The registry names the token server, so credentials would go wherever it says: only
+        // over https, or in plain text to the registry's own host when the registry itself is
+        // reached in plain text (an insecure local mirror) — never to another host unencrypted.
         let insecure = self.opts.insecure || self.opts.plain_http;
-        if !(realm.starts_with("https://") || (insecure && realm.starts_with("http://"))) {
-            return Err(terr("the realm is not an https URL".into()));
+        let own_host = host_of(&realm).is_some_and(|h| {
+            host_of(&format!("http://{}", self.image.api_host())).is_some_and(|r| r == h)
+        });
+        let anonymous = self.credentials == Credentials::Anonymous;
+        let plain_ok = insecure && realm.starts_with("http://") && (anonymous || own_host);
+        if !(realm.starts_with("https://") || plain_ok) {
+            return Err(terr(
+                "the token service is not an https URL; credentials are only sent to a token \
+                 service over https (or, for a registry marked insecure, plain http on the \
+                 registry's own host)"
+                    .into(),
+            ));
         }
         let service = c.params.get("service").cloned().unwrap_or_default();
         let scope = format!("repository:{}:pull", self.image.repository);
@@ -1991,11 +2069,14 @@ impl RegistryClient {
                 .map_err(|e| terr(format!("reading the response: {e}")))?;
             let t: TokenResponse = serde_json::from_slice(&body)
                 .map_err(|e| terr(format!("unparsable response ({:?})", e.classify())))?;
-            return t
+            let token = t
                 .token
                 .filter(|t| !t.is_empty())
                 .or(t.access_token.filter(|t| !t.is_empty()))
-                .ok_or_else(|| terr("the response has no token".into()));
+                .ok_or_else(|| terr("the response has no token".into()))?;
+            // A bearer token is a credential for as long as it lives.
+            crate::secrets::register_value(&token);
+            return Ok(token);
         }
     }
 }
@@ -2041,6 +2122,21 @@ fn parse_content_range_start(v: &str) -> Option<u64> {
     rest.split('-').next()?.trim().parse().ok()
 }
 
+/// `url` without its query and fragment, for messages: the query of a redirect to object
+/// storage is a presigned credential (`X-Amz-Signature=…`).
+fn redact_url(url: &str) -> String {
+    match url.find(['?', '#']) {
+        Some(i) => format!("{}?<redacted>", &url[..i]),
+        None => url.to_string(),
+    }
+}
+
+/// The host of an absolute URL, lower-cased, without the port.
+fn host_of(url: &str) -> Option<String> {
+    let u: Uri = url.parse().ok()?;
+    Some(u.host()?.to_ascii_lowercase())
+}
+
 /// `scheme://authority` of an absolute URL (lower-cased), with default ports made explicit.
 fn origin_of(url: &str) -> Option<String> {
     let u: Uri = url.parse().ok()?;
@@ -2078,7 +2174,7 @@ pub(crate) mod test_support {
     use std::collections::HashMap;
     use std::io::BufRead;
     use std::net::{TcpListener, TcpStream};
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicU32, AtomicUsize};
 
     #[derive(Debug, Clone)]
     pub struct Logged {
@@ -2121,6 +2217,10 @@ pub(crate) mod test_support {
         pub no_digest_header: bool,
         /// Answer everything with 503.
         pub down: AtomicBool,
+        /// The Bearer challenge's realm instead of this fake's own `/token`.
+        pub realm: Option<String>,
+        /// Answer every blob GET with 416, or (`206`) with a Content-Range that starts elsewhere.
+        pub bad_range_status: AtomicU32,
     }
 
     impl Default for Knobs {
@@ -2136,6 +2236,8 @@ pub(crate) mod test_support {
                 ignore_range: false,
                 no_digest_header: false,
                 down: AtomicBool::new(false),
+                realm: None,
+                bad_range_status: AtomicU32::new(0),
             }
         }
     }
@@ -2337,8 +2439,8 @@ pub(crate) mod test_support {
                 let ch = match k.auth {
                     Auth::Basic => "Basic realm=\"test\"".to_string(),
                     _ => format!(
-                        "Bearer realm=\"http://127.0.0.1:{}/token\",service=\"fake, registry\",scope=\"repository:x:pull\"",
-                        self.port
+                        "Bearer realm=\"{}\",service=\"fake, registry\",scope=\"repository:x:pull\"",
+                        k.realm.clone().unwrap_or_else(|| format!("http://127.0.0.1:{}/token", self.port))
                     ),
                 };
                 return (
@@ -2389,6 +2491,19 @@ pub(crate) mod test_support {
             let Some(data) = self.blobs.lock().unwrap().get(d).cloned() else {
                 return (404, vec![], vec![], None);
             };
+            match self.knobs.bad_range_status.load(Ordering::SeqCst) {
+                0 => {}
+                416 => return (416, vec![], vec![], None),
+                _ => {
+                    let hdr = format!("bytes 7-{}/{}", data.len() - 1, data.len());
+                    return (
+                        206,
+                        vec![("Content-Range".into(), hdr)],
+                        data[7..].to_vec(),
+                        None,
+                    );
+                }
+            }
             let range = req
                 .header("range")
                 .and_then(|r| r.strip_prefix("bytes="))
@@ -2421,11 +2536,26 @@ pub(crate) mod test_support {
     /// A two-layer image (plus an index with arm64, amd64 and an attestation) in `fake`.
     /// Returns (index digest, amd64 manifest digest, layer blobs).
     pub fn push_image(fake: &Fake, tag: &str) -> (String, String, Vec<Vec<u8>>) {
+        let ids = [digest(b"diff 1"), digest(b"diff 2")];
+        push_image_with_diff_ids(fake, tag, &ids)
+    }
+
+    /// [`push_image`] whose configuration lists `diff_ids` (the layers are not tars: nothing
+    /// here unpacks them).
+    pub fn push_image_with_diff_ids(
+        fake: &Fake,
+        tag: &str,
+        diff_ids: &[String],
+    ) -> (String, String, Vec<Vec<u8>>) {
         let l1: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let l2: Vec<u8> = (0..5_000u32).map(|i| (i % 13) as u8).collect();
         let d1 = fake.add_blob(&l1);
         let d2 = fake.add_blob(&l2);
-        let config = br#"{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/bin"],"User":"1000","WorkingDir":"/home/coder","Entrypoint":null,"Cmd":["sh"],"StopSignal":"SIGRTMIN+3"},"rootfs":{"type":"layers","diff_ids":[]}}"#;
+        let config = format!(
+            r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],"User":"1000","WorkingDir":"/home/coder","Entrypoint":null,"Cmd":["sh"],"StopSignal":"SIGRTMIN+3"}},"rootfs":{{"type":"layers","diff_ids":{}}}}}"#,
+            serde_json::to_string(diff_ids).unwrap()
+        );
+        let config = config.as_bytes();
         let dc = fake.add_blob(config);
         let manifest = format!(
             r#"{{"schemaVersion":2,"mediaType":"{MT_OCI_MANIFEST}","config":{{"mediaType":"{MT_OCI_CONFIG}","digest":"{dc}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{d1}","size":{}}},{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{d2}","size":{}}}]}}"#,
@@ -2913,6 +3043,36 @@ mod tests {
         assert_eq!(unauthorized_v2, 1, "only the first request is anonymous");
     }
 
+    /// Issue 16 defect 1: the registry names the token server, so a registry can send the
+    /// credentials anywhere; they only go to a realm over https (plain http only on the
+    /// registry's own host, when the registry itself is plain http).
+    #[test]
+    fn credentials_go_to_a_foreign_realm_only_over_https() {
+        let collector = Fake::start(Knobs::default());
+        let fake = Fake::start(Knobs {
+            auth: Auth::Bearer,
+            realm: Some(format!("http://localhost:{}/token", collector.port)),
+            ..Default::default()
+        });
+        push_image(&fake, "v1");
+        let c = client(
+            &fake,
+            "team/app:v1",
+            Credentials::Basic {
+                username: "tester".into(),
+                password: "s3cret".into(),
+            },
+        );
+        let e = c.resolve_manifest().unwrap_err();
+        let leaked: Vec<_> = collector
+            .requests()
+            .into_iter()
+            .filter(|r| r.header("authorization").is_some())
+            .collect();
+        assert!(leaked.is_empty(), "credentials sent to {leaked:#?}");
+        assert!(e.to_string().contains("https"), "{e}");
+    }
+
     #[test]
     fn bearer_identity_token_posts_oauth_form() {
         let fake = Fake::start(Knobs {
@@ -2984,6 +3144,101 @@ mod tests {
         let anon = client(&fake, "team/app:v1", Credentials::Anonymous);
         let msg = anon.resolve_manifest().unwrap_err().to_string();
         assert!(msg.contains("no credentials were configured"), "{msg}");
+    }
+
+    /// Issue 16 defect 7: a 416, or a 206 for other bytes than asked, once looped without end
+    /// (thousands of requests a second) and a stop request could not interrupt it.
+    #[test]
+    fn bad_range_answers_are_bounded_and_cancellable() {
+        for status in [416, 206] {
+            let fake = Fake::start(Knobs::default());
+            push_image(&fake, "v1");
+            let c = client(&fake, "team/app:v1", Credentials::Anonymous);
+            let img = c.resolve_manifest().unwrap();
+            fake.knobs.bad_range_status.store(status, Ordering::SeqCst);
+            let dir = tempfile::tempdir().unwrap();
+            let store = BlobStore::open(dir.path()).unwrap();
+            let l = &img.layers[0];
+            fake.clear_log();
+            let mut w = store.writer(&l.digest, Some(l.size)).unwrap().unwrap();
+            let started = Instant::now();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let e = std::thread::scope(|sc| {
+                let h = sc.spawn(|| c.fetch_blob(l, &mut w));
+                // The old code never returned: give up on it rather than hang the suite.
+                while !h.is_finished() && started.elapsed() < Duration::from_secs(20) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = tx.send(h.is_finished());
+                if h.is_finished() {
+                    Some(h.join().unwrap())
+                } else {
+                    fake.knobs.down.store(true, Ordering::SeqCst);
+                    None
+                }
+            });
+            assert!(
+                rx.recv().unwrap(),
+                "HTTP {status}: still looping after 20 s"
+            );
+            let e = e.unwrap().unwrap_err();
+            assert!(
+                matches!(e, RegistryError::Unreachable { .. }),
+                "HTTP {status}: {e}"
+            );
+            let n = fake.requests().len();
+            assert!(
+                n <= 5,
+                "HTTP {status}: {n} requests for a retry budget of 4"
+            );
+
+            // A stop request ends it at the next bad answer.
+            drop(w);
+            let mut w = store.writer(&l.digest, Some(l.size)).unwrap().unwrap();
+            fake.clear_log();
+            let e = c
+                .fetch_blob_with_progress(l, &mut w, &mut |_| ControlFlow::Break(()))
+                .unwrap_err();
+            assert!(matches!(e, RegistryError::Aborted), "HTTP {status}: {e}");
+            assert_eq!(fake.requests().len(), 1, "HTTP {status}");
+        }
+    }
+
+    /// Issue 16 defect 9: fewer diff_ids than layers silently turned verification off for the
+    /// rest; Docker refuses such an image, and so do we.
+    #[test]
+    fn diff_ids_must_match_the_layers() {
+        let fake = Fake::start(Knobs::default());
+        push_image_with_diff_ids(&fake, "short", &[digest(b"only one")]);
+        push_image_with_diff_ids(&fake, "none", &[]);
+        for tag in ["short", "none"] {
+            let c = client(&fake, &format!("team/app:{tag}"), Credentials::Anonymous);
+            let e = c.resolve_manifest().unwrap_err().to_string();
+            assert!(
+                e.contains("diff_ids") && e.contains("2 layers"),
+                "{tag}: {e}"
+            );
+        }
+    }
+
+    /// Issue 16 defect 9: a presigned redirect URL (object storage) is a credential; it must
+    /// not reach retry warnings or errors.
+    #[test]
+    fn presigned_urls_stay_out_of_messages() {
+        let fake = Fake::start(Knobs::default());
+        let c = client(&fake, "team/app:v1", Credentials::Anonymous);
+        let url = "https://bucket.s3.example.com/blobs/x?X-Amz-Signature=deadbeef1234&X-Amz-Credential=AKIA";
+        for e in [ureq::Error::ConnectionFailed, ureq::Error::HostNotFound] {
+            let msg = match c.classify(e, url) {
+                Failure::Transient(m) | Failure::NotTls(m) => m,
+                Failure::Fatal(e) => e.to_string(),
+            };
+            assert!(
+                !msg.contains("deadbeef1234") && !msg.contains("AKIA"),
+                "{msg}"
+            );
+            assert!(msg.contains("bucket.s3.example.com/blobs/x"), "{msg}");
+        }
     }
 
     #[test]

@@ -14,13 +14,14 @@ use std::fs::File;
 use std::io::BufReader;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use rustix::fs::{self as rfs, FlockOperation, Mode, OFlags};
 use sha2::{Digest as _, Sha256};
 
 use crate::bundle::spec::ID_MAP_HOST_START;
+use crate::image::durable;
 use crate::image::unpack::{
     apply_layer, apply_layer_overlay, Compression, IdShift, LayerStats, UnpackError,
 };
@@ -93,16 +94,36 @@ fn layer_dir_name(digest: &str) -> String {
     hex.chars().take(20).collect()
 }
 
-/// The directory name of a layer that depends on the layers below it (it hard-links files of
-/// theirs): the first 20 hex digits of sha256 over the directory names below it and its digest.
-fn chain_dir_name(below: &[CachedLayer], digest: &str) -> String {
+/// The full hex of a digest: the directory name used when the short one holds another layer.
+fn full_hex(digest: &str) -> String {
+    digest.rsplit(':').next().unwrap_or(digest).to_string()
+}
+
+/// Names a layer that depends on the layers below it (it hard-links files of theirs): sha256 over
+/// the directory names below it and its digest, in hex; its first 20 digits are the short name.
+fn chain_hash(below: &[CachedLayer], digest: &str) -> String {
     let mut h = Sha256::new();
     for b in below {
         h.update(b.name.as_bytes());
         h.update(b"\n");
     }
     h.update(digest.as_bytes());
-    hex::encode(h.finalize())[..20].to_string()
+    hex::encode(h.finalize())
+}
+
+/// The contents of a layer directory's `digest` file: the layer's full digest and, for a layer
+/// valid only on top of the layers below it, their directory names.
+fn layer_info(digest: &str, below: &[CachedLayer]) -> String {
+    let mut info = format!("{digest}\n");
+    for b in below {
+        info.push_str(&format!("below {}\n", b.name));
+    }
+    info
+}
+
+/// Whether the layer directory `dir` holds exactly the layer `info` describes.
+fn holds(dir: &Path, info: &str) -> bool {
+    std::fs::read(dir.join("digest")).is_ok_and(|b| b == info.as_bytes())
 }
 
 /// A layer unpacked in the cache.
@@ -123,6 +144,8 @@ pub struct LayerCache {
 
 impl LayerCache {
     pub fn open(cache_dir: &Path) -> Result<Self, RootfsError> {
+        crate::image::durable::private_dir(cache_dir, 0o700)
+            .map_err(io("create cache directory (mode 0700)", cache_dir))?;
         let dir = cache_dir.join("layers");
         std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
         Ok(LayerCache {
@@ -169,21 +192,36 @@ impl LayerCache {
         if !self.swept.swap(true, Ordering::Relaxed) {
             self.remove_stale_tmp();
         }
-        let plain = layer_dir_name(&layer.digest);
-        if self.dir.join(&plain).is_dir() {
+        // Each kind of name has a short form (kept short for the overlay mount options) and,
+        // should the short one hold another layer, the full-length form. A directory is only
+        // reused when its `digest` file names this very layer (and the layers below it).
+        let plain = [layer_dir_name(&layer.digest), full_hex(&layer.digest)];
+        let plain_info = layer_info(&layer.digest, &[]);
+        let chained = {
+            let h = chain_hash(below, &layer.digest);
+            [h[..20].to_string(), h]
+        };
+        let chained_info = layer_info(&layer.digest, below);
+        let plain_slot = self.slot(&plain, &plain_info)?;
+        if plain_slot.1 {
             return Ok(CachedLayer {
-                name: plain,
+                name: plain_slot.0,
                 unpacked: false,
             });
         }
-        let chained = chain_dir_name(below, &layer.digest);
-        if !below.is_empty() && self.dir.join(&chained).is_dir() {
-            return Ok(CachedLayer {
-                name: chained,
-                unpacked: false,
-            });
-        }
-        let tmp = TmpDir::create(&self.dir, &plain)?;
+        let chained_slot = if below.is_empty() {
+            None
+        } else {
+            let s = self.slot(&chained, &chained_info)?;
+            if s.1 {
+                return Ok(CachedLayer {
+                    name: s.0,
+                    unpacked: false,
+                });
+            }
+            Some(s)
+        };
+        let tmp = TmpDir::create(&self.dir, &plain[0])?;
         let tree = tmp.path.join("t");
         let lowers: Vec<PathBuf> = below.iter().rev().map(|b| self.lower_dir(b)).collect();
         let lower_refs: Vec<&Path> = lowers.iter().map(PathBuf::as_path).collect();
@@ -193,17 +231,6 @@ impl LayerCache {
                 apply_blob(layer, |r, c, d| {
                     apply_layer_overlay(&tree, &lower_refs, r, c, &IdShift::ENVBOX, d)
                 })
-            })
-            .and_then(|stats| {
-                let mut info = format!("{}\n", layer.digest);
-                if stats.lower_links > 0 {
-                    for b in below {
-                        info.push_str(&format!("below {}\n", b.name));
-                    }
-                }
-                std::fs::write(tmp.path.join("digest"), info)
-                    .map_err(io("write", &tmp.path))
-                    .map(|()| stats)
             });
         let stats = match stats {
             Ok(s) => s,
@@ -212,26 +239,41 @@ impl LayerCache {
                 return Err(e);
             }
         };
-        let name = if stats.lower_links > 0 {
+        let (name, info) = if stats.lower_links > 0 {
             log::info!(
-                "layer {} hard-links {} files of the layers below it; cached as {chained} for this chain",
+                "layer {} hard-links {} files of the layers below it; cached for this chain",
                 layer.digest,
                 stats.lower_links
             );
-            chained
+            // `lower_links > 0` needs lowers, so `below` is not empty.
+            let slot = chained_slot.unwrap_or_else(|| (chained[0].clone(), false));
+            (slot.0, chained_info)
         } else {
-            plain
+            (plain_slot.0, plain_info)
         };
+        // Every pod sharing the cache trusts a published layer forever, so all of it (files,
+        // metadata, the digest file) must be on disk before its name is: one syncfs of the cache's
+        // file system is far cheaper than an fsync per file.
+        let written = std::fs::write(tmp.path.join("digest"), &info)
+            .map_err(io("write", &tmp.path))
+            .and_then(|()| durable::syncfs(&tmp.path).map_err(io("syncfs", &tmp.path)));
+        if let Err(e) = written {
+            tmp.discard();
+            return Err(e);
+        }
         let done = self.dir.join(&name);
-        match std::fs::rename(&tmp.path, &done) {
+        match durable::publish_rename(&tmp.path, &done) {
             Ok(()) => {
                 tmp.published();
+                // The rename itself is durable only once the layers directory is.
+                durable::fsync_dir(&self.dir).map_err(io("fsync", &self.dir))?;
                 Ok(CachedLayer {
                     name,
                     unpacked: true,
                 })
             }
-            Err(_) if done.is_dir() => {
+            Err(_) if holds(&done, &info) => {
+                // Another start published the same layer first.
                 tmp.discard();
                 Ok(CachedLayer {
                     name,
@@ -243,6 +285,34 @@ impl LayerCache {
                 Err(io("publish", &done)(e))
             }
         }
+    }
+
+    /// The first of `names` that holds the layer `info` describes (`true`), else the first that
+    /// is free (`false`). A directory holding anything else is skipped: a prefix collision, or
+    /// a directory whose `digest` file is missing or damaged.
+    fn slot(&self, names: &[String], info: &str) -> Result<(String, bool), RootfsError> {
+        for n in names {
+            let p = self.dir.join(n);
+            match std::fs::symlink_metadata(&p) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok((n.clone(), false))
+                }
+                Err(e) => return Err(io("stat", &p)(e)),
+                Ok(_) if holds(&p, info) => return Ok((n.clone(), true)),
+                Ok(_) => log::warn!(
+                    "layer directory {} does not hold layer {:?}; not using it",
+                    p.display(),
+                    info.lines().next().unwrap_or("")
+                ),
+            }
+        }
+        Err(RootfsError::Io {
+            op: "find a free layer directory",
+            path: self.dir.join(names.last().map_or("", String::as_str)),
+            source: std::io::Error::other(
+                "every candidate name holds another layer; remove those directories from the cache",
+            ),
+        })
     }
 
     /// Removes `.tmp-*` directories whose owner is gone: nobody holds their lock. Holding the
@@ -292,14 +362,10 @@ struct TmpDir {
 
 impl TmpDir {
     fn create(layers: &Path, name: &str) -> Result<Self, RootfsError> {
-        static SEQ: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
+        // Random, not pid-based: every envbox is PID 1, so pids repeat across pods.
         let path = layers.join(format!(
-            "{TMP_PREFIX}{name}-{}-{nanos:08x}{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
+            "{TMP_PREFIX}{name}-{}",
+            crate::image::durable::random_hex()
         ));
         // Shared lock on the layers directory from mkdir to flock: a sweeper (exclusive) never
         // sees the new directory unlocked.
@@ -488,6 +554,10 @@ fn prepare_overlay(
 
 /// Mounts with lower directories named relative to `base`: the kernel resolves relative lowerdir
 /// paths against the caller's working directory, which keeps the option string short.
+///
+/// PID 1 is multithreaded, and `chdir` changes the working directory of every thread sharing the
+/// file-system context; so the mount runs on a thread of its own that first unshares that context
+/// (`CLONE_FS`) and only then changes directory.
 fn mount_relative(
     kernel: &dyn Kernel,
     base: &Path,
@@ -496,11 +566,19 @@ fn mount_relative(
     work: &Path,
     target: &Path,
 ) -> std::io::Result<()> {
-    let prev = std::env::current_dir()?;
-    std::env::set_current_dir(base)?;
-    let r = kernel.mount_overlay(lowers, upper, work, target);
-    std::env::set_current_dir(prev)?;
-    r
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: unshare(CLONE_FS) only gives this thread a private copy of its cwd, root
+            // and umask; it touches no memory.
+            if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            std::env::set_current_dir(base)?;
+            kernel.mount_overlay(lowers, upper, work, target)
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
 }
 
 /// Undoes what a previous start (or a crash) left: the workspace always starts from the image.
@@ -557,5 +635,115 @@ mod tests {
         assert_eq!(layer_dir_name(d), "0123456789abcdef0123");
         // 128 layers of "<20 chars>/t:" stay far below the 4096-byte option limit.
         assert!(128 * (layer_dir_name(d).len() + 3) < 3500);
+    }
+
+    /// A plain tar layer holding one file, stored under `dir`.
+    fn tar_blob(dir: &Path, digest: &str, file: &str, data: &[u8]) -> LayerBlob {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, file, data).unwrap();
+        let path = dir.join(digest.replace(':', "-"));
+        std::fs::write(&path, b.into_inner().unwrap()).unwrap();
+        LayerBlob {
+            digest: digest.into(),
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            path,
+            diff_id: None,
+        }
+    }
+
+    /// Issue 16 defect 9: the relative overlay mount changed the working directory of the whole
+    /// multithreaded PID 1 (every thread resolving a relative path meanwhile saw the cache).
+    #[test]
+    fn relative_overlay_mount_keeps_the_process_cwd() {
+        let tmp = tempfile::tempdir().unwrap();
+        let k = crate::sys::fake::RecordingKernel::default();
+        let before = std::fs::read_link("/proc/self/cwd").unwrap();
+        let p = tmp.path();
+        mount_relative(
+            &k,
+            p,
+            &[Path::new("l/t")],
+            &p.join("u"),
+            &p.join("w"),
+            &p.join("m"),
+        )
+        .unwrap();
+        let cwds = k.overlay_cwds.lock().unwrap().clone();
+        assert_eq!(cwds, [(p.to_path_buf(), before.clone())]);
+        assert_eq!(std::fs::read_link("/proc/self/cwd").unwrap(), before);
+    }
+
+    /// Issue 16 defect 2: a published layer is trusted forever by every pod sharing the cache,
+    /// so its files must be on disk before its name is (and the name before `ensure` returns).
+    #[test]
+    fn layers_reach_the_disk_before_they_are_published() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = LayerCache::open(&tmp.path().join("cache")).unwrap();
+        let l = tar_blob(
+            tmp.path(),
+            &format!("sha256:{}", "c".repeat(64)),
+            "f",
+            b"data",
+        );
+        crate::image::durable::take_events();
+        let c = cache.ensure(&l, &[]).unwrap();
+        let ev = crate::image::durable::take_events();
+        let done = cache.dir().join(&c.name);
+        let publish = ev
+            .iter()
+            .position(|e| *e == format!("rename {}", done.display()))
+            .unwrap_or_else(|| panic!("no publishing rename recorded: {ev:?}"));
+        assert!(
+            ev[..publish].iter().any(|e| e.starts_with("syncfs ")),
+            "published without syncing the tree first: {ev:?}"
+        );
+        assert!(
+            ev[publish..].contains(&format!("fsync_dir {}", cache.dir().display())),
+            "layers/ not fsynced after the rename: {ev:?}"
+        );
+    }
+
+    /// Issue 16 defect 6: two digests sharing the first 80 bits are different layers.
+    #[test]
+    fn layer_dirs_are_checked_against_the_full_digest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = LayerCache::open(&tmp.path().join("cache")).unwrap();
+        let prefix = "sha256:0123456789abcdef0123";
+        let a = tar_blob(
+            tmp.path(),
+            &format!("{prefix}{}", "a".repeat(44)),
+            "a",
+            b"A",
+        );
+        let b = tar_blob(
+            tmp.path(),
+            &format!("{prefix}{}", "b".repeat(44)),
+            "b",
+            b"B",
+        );
+        let ca = cache.ensure(&a, &[]).unwrap();
+        assert!(ca.unpacked);
+        let cb = cache.ensure(&b, &[]).unwrap();
+        assert!(
+            cb.unpacked,
+            "layer {} reused the directory of {}",
+            b.digest, a.digest
+        );
+        assert_ne!(ca.name, cb.name);
+        assert_eq!(std::fs::read(cache.lower_dir(&cb).join("b")).unwrap(), b"B");
+        // Both are found again, each in its own directory.
+        assert_eq!(cache.ensure(&a, &[]).unwrap().name, ca.name);
+        let again = cache.ensure(&b, &[]).unwrap();
+        assert_eq!((again.name, again.unpacked), (cb.name, false));
+        // A directory whose digest file is missing is never trusted.
+        std::fs::remove_file(cache.dir().join(&ca.name).join("digest")).unwrap();
+        assert_ne!(cache.ensure(&a, &[]).unwrap().name, ca.name);
     }
 }

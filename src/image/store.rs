@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use crate::image::durable::atomic_write;
 use crate::image::gc;
 use crate::image::reference::{validate_digest, ImageRef};
 use crate::image::registry::{LayerDesc, RegistryClient, RegistryError, ResolvedImage};
@@ -45,6 +46,18 @@ pub enum StoreError {
         expected: String,
         actual: String,
         size: u64,
+    },
+    #[error("stopped while waiting for another download of the same blob")]
+    Cancelled,
+    #[error(
+        "blob {digest} is being downloaded by another process that has made no progress for \
+         {secs} s (it holds {lock}); retrying later, or removing that file if no envbox on this \
+         node is pulling, helps"
+    )]
+    LockStalled {
+        digest: String,
+        lock: PathBuf,
+        secs: f32,
     },
     #[error("size mismatch for {digest}: expected {expected} bytes, got {actual}; the partial download was deleted")]
     SizeMismatch {
@@ -70,17 +83,30 @@ fn hex_of(digest: &str) -> Result<&str, StoreError> {
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     root: PathBuf,
+    /// How long to wait for another writer's lock while its partial file does not grow.
+    pub(crate) lock_stall: Duration,
 }
+
+/// A writer holding a blob's lock is normally downloading it; one whose partial file has not
+/// grown for this long is stuck (a frozen process, a hung mount), and waiting longer helps nobody.
+const LOCK_STALL: Duration = Duration::from_secs(300);
+/// How often a waiter checks the lock, the stop flag and the holder's progress.
+const LOCK_POLL: Duration = Duration::from_millis(100);
 
 impl BlobStore {
     /// Open (creating directories as needed) the cache at `cache_dir`.
     pub fn open(cache_dir: &Path) -> Result<BlobStore, StoreError> {
+        // The layers hold the image's setuid binaries and device nodes: root only (containerd's
+        // content store and snapshots are 0700 as well).
+        crate::image::durable::private_dir(cache_dir, 0o700)
+            .map_err(io_err("create cache directory (mode 0700)", cache_dir))?;
         for d in ["blobs/sha256", "tmp", "refs"] {
             let p = cache_dir.join(d);
             fs::create_dir_all(&p).map_err(io_err("create directory", &p))?;
         }
         Ok(BlobStore {
             root: cache_dir.to_path_buf(),
+            lock_stall: LOCK_STALL,
         })
     }
 
@@ -114,19 +140,54 @@ impl BlobStore {
         digest: &str,
         size: Option<u64>,
     ) -> Result<Option<BlobWriter>, StoreError> {
+        self.writer_cancellable(digest, size, &AtomicBool::new(false))
+    }
+
+    /// [`writer`](Self::writer) that stops waiting for the lock when `cancel` is set
+    /// ([`StoreError::Cancelled`]) or when the holder makes no progress for a while.
+    pub fn writer_cancellable(
+        &self,
+        digest: &str,
+        size: Option<u64>,
+        cancel: &AtomicBool,
+    ) -> Result<Option<BlobWriter>, StoreError> {
         let hex = hex_of(digest)?.to_string();
         if self.has(digest) {
             return Ok(None);
         }
         let lock_path = self.lock_path(&hex);
-        let lock = lock_file(&lock_path)?;
+        let partial = self.partial_path(&hex);
+        let mut last_size = None;
+        let mut since = Instant::now();
+        let mut wait = || -> Result<bool, StoreError> {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(StoreError::Cancelled);
+            }
+            if self.has(digest) {
+                return Ok(false);
+            }
+            let now = fs::metadata(&partial).map(|m| m.len()).ok();
+            if now != last_size {
+                last_size = now;
+                since = Instant::now();
+            } else if since.elapsed() >= self.lock_stall {
+                return Err(StoreError::LockStalled {
+                    digest: digest.to_string(),
+                    lock: lock_path.clone(),
+                    secs: self.lock_stall.as_secs_f32(),
+                });
+            }
+            Ok(true)
+        };
+        let Some(lock) = lock_file(&lock_path, &mut wait)? else {
+            return Ok(None);
+        };
         // Re-check after acquiring: the previous holder may have completed the blob.
         if self.has(digest) {
             let _ = fs::remove_file(&lock_path);
             drop(lock);
             return Ok(None);
         }
-        let partial = self.partial_path(&hex);
         let mut file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -203,44 +264,96 @@ impl BlobStore {
         if dest.is_file() {
             return Ok(dest);
         }
-        // Unique temp name: identical content, so racing writers are harmless.
-        let tmp = self.root.join("tmp").join(format!(
-            "{hex}.put.{}.{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        write_file_sync(&tmp, bytes)?;
-        fs::rename(&tmp, &dest).map_err(io_err("rename", &dest))?;
+        // Racing writers (other threads, other pods) write identical content under random
+        // temporary names, so whichever rename lands last is as good as the first.
+        atomic_write(&self.root.join("tmp"), &dest, bytes).map_err(io_err("write blob", &dest))?;
         Ok(dest)
+    }
+
+    /// Removes from `tmp/` what no writer is using: partial downloads untouched for `max_age`
+    /// whose blob lock is free (nobody pulls that blob now; a later pull just starts over), and
+    /// leftovers of interrupted [`atomic_write`]s older than an hour. Returns how many.
+    pub fn sweep_tmp(&self, max_age: Duration) -> Result<usize, StoreError> {
+        let tmp = self.root.join("tmp");
+        let old = |p: &Path, age: Duration| {
+            fs::symlink_metadata(p)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|e| e >= age)
+        };
+        let mut removed = 0;
+        for e in fs::read_dir(&tmp).map_err(io_err("read directory", &tmp))? {
+            let e = e.map_err(io_err("read directory", &tmp))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let p = e.path();
+            if crate::image::durable::is_atomic_tmp(&name) {
+                if old(&p, Duration::from_secs(3600)) && fs::remove_file(&p).is_ok() {
+                    removed += 1;
+                }
+                continue;
+            }
+            let Some(hex) = name.strip_suffix(".partial") else {
+                continue;
+            };
+            if !old(&p, max_age) {
+                continue;
+            }
+            let lock_path = self.lock_path(hex);
+            // Never wait: a held lock means a live download.
+            let Some(lock) = lock_file(&lock_path, &mut || Ok(false))? else {
+                continue;
+            };
+            // Checked again under the lock: the previous holder may just have written to it.
+            if old(&p, max_age) && fs::remove_file(&p).is_ok() {
+                log::info!("removed {}, a download nobody resumed", p.display());
+                removed += 1;
+            }
+            // Removing the lock file while holding it is what `lock_file` expects.
+            let _ = fs::remove_file(&lock_path);
+            drop(lock);
+        }
+        Ok(removed)
     }
 
     fn ref_path(&self, image: &ImageRef) -> PathBuf {
         self.root.join("refs").join(escape_ref(&image.to_string()))
     }
 
-    /// What `image` resolved to last time, if recorded.
+    /// What `image` resolved to last time, if recorded. A record naming another reference (two
+    /// references escaping to one name, or a damaged cache) is ignored.
     pub fn load_ref(&self, image: &ImageRef) -> Option<RefRecord> {
-        let bytes = fs::read(self.ref_path(image)).ok()?;
-        serde_json::from_slice(&bytes).ok()
+        let path = self.ref_path(image);
+        let bytes = fs::read(&path).ok()?;
+        let rec: RefRecord = serde_json::from_slice(&bytes).ok()?;
+        if rec.reference != image.to_string() {
+            log::warn!(
+                "{} records {:?}, not {image}; ignoring it",
+                path.display(),
+                rec.reference
+            );
+            return None;
+        }
+        Some(rec)
     }
 
-    /// Record what `image` resolved to (atomic replace).
+    /// Record what `image` resolved to (atomic replace, durable before it is visible).
     pub fn save_ref(&self, image: &ImageRef, rec: &RefRecord) -> Result<(), StoreError> {
         let dest = self.ref_path(image);
-        let tmp = self.root.join("tmp").join(format!(
-            "ref.{}.{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
         let bytes = serde_json::to_vec_pretty(rec).expect("serialisable");
-        write_file_sync(&tmp, &bytes)?;
-        fs::rename(&tmp, &dest).map_err(io_err("rename", &dest))
+        atomic_write(&self.root.join("tmp"), &dest, &bytes)
+            .map_err(io_err("write reference", &dest))
     }
 }
 
 /// Opens and exclusively locks the lock file at `path`. A holder removes the file when done (so no
 /// lock files pile up in `tmp/`); a waiter that then gets the lock on the removed file starts over.
-fn lock_file(path: &Path) -> Result<File, StoreError> {
+/// While another process holds it, `wait` is asked every [`LOCK_POLL`] whether to keep waiting
+/// (`Ok(false)`: stop, the caller no longer needs the lock).
+fn lock_file(
+    path: &Path,
+    wait: &mut dyn FnMut() -> Result<bool, StoreError>,
+) -> Result<Option<File>, StoreError> {
     loop {
         let lock = OpenOptions::new()
             .create(true)
@@ -248,27 +361,32 @@ fn lock_file(path: &Path) -> Result<File, StoreError> {
             .write(true)
             .open(path)
             .map_err(io_err("open lock file", path))?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).map_err(|e| {
-            StoreError::Io {
-                op: "flock",
-                path: path.to_path_buf(),
-                source: e.into(),
+        loop {
+            match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => break,
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    if !wait()? {
+                        return Ok(None);
+                    }
+                    std::thread::sleep(LOCK_POLL);
+                }
+                Err(e) => {
+                    return Err(StoreError::Io {
+                        op: "flock",
+                        path: path.to_path_buf(),
+                        source: e.into(),
+                    })
+                }
             }
-        })?;
+        }
         let ours = lock.metadata().map_err(io_err("stat", path))?;
         match fs::metadata(path) {
-            Ok(m) if m.ino() == ours.ino() && m.dev() == ours.dev() => return Ok(lock),
+            Ok(m) if m.ino() == ours.ino() && m.dev() == ours.dev() => return Ok(Some(lock)),
             Ok(_) => continue,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io_err("stat", path)(e)),
         }
     }
-}
-
-fn write_file_sync(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let mut f = File::create(path).map_err(io_err("create", path))?;
-    f.write_all(bytes).map_err(io_err("write", path))?;
-    f.sync_all().map_err(io_err("fsync", path))
 }
 
 /// `sha256:<hex>` of `bytes`.
@@ -394,7 +512,11 @@ impl BlobWriter {
         self.file
             .sync_all()
             .map_err(io_err("fsync", &self.partial))?;
-        fs::rename(&self.partial, &self.final_path).map_err(io_err("rename", &self.final_path))?;
+        crate::image::durable::publish_rename(&self.partial, &self.final_path)
+            .map_err(io_err("rename", &self.final_path))?;
+        // Other pods trust the name once they see it; make the name itself durable too.
+        let dir = crate::image::durable::parent_of(&self.final_path);
+        crate::image::durable::fsync_dir(&dir).map_err(io_err("fsync", &dir))?;
         Ok(self.final_path.clone())
     }
 
@@ -638,7 +760,11 @@ fn download_one(
     failed: &AtomicBool,
     report: &(dyn Fn(bool) + Sync),
 ) -> Result<(), PullError> {
-    let Some(mut w) = store.writer(&desc.digest, Some(desc.size))? else {
+    let w = match store.writer_cancellable(&desc.digest, Some(desc.size), cancel) {
+        Err(StoreError::Cancelled) => return Err(PullError::Cancelled),
+        other => other?,
+    };
+    let Some(mut w) = w else {
         // Another process completed it while we waited for the lock.
         state.bytes_done.fetch_add(desc.size, Ordering::Relaxed);
         return Ok(());
@@ -741,6 +867,40 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 
+    /// Issue 16 defect 2: blobs and refs are on disk, names included, once published.
+    #[test]
+    fn blobs_and_refs_are_durable_when_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let blobs = dir.path().join("blobs/sha256");
+        crate::image::durable::take_events();
+        let mut w = s.writer(HELLO, Some(5)).unwrap().unwrap();
+        w.write_all(b"hello").unwrap();
+        w.finish().unwrap();
+        let ev = crate::image::durable::take_events();
+        assert!(
+            ev.ends_with(&[
+                format!("rename {}", blobs.join(&HELLO[7..]).display()),
+                format!("fsync_dir {}", blobs.display())
+            ]),
+            "{ev:?}"
+        );
+        let r = ImageRef::parse("example.com/x:1").unwrap();
+        let rec = RefRecord {
+            reference: r.to_string(),
+            top_digest: HELLO.into(),
+            manifest_digest: HELLO.into(),
+        };
+        s.save_ref(&r, &rec).unwrap();
+        let ev = crate::image::durable::take_events();
+        assert_eq!(ev.len(), 3, "{ev:?}");
+        assert!(ev[0].starts_with("fsync "), "{ev:?}");
+        assert_eq!(
+            ev[2],
+            format!("fsync_dir {}", dir.path().join("refs").display())
+        );
+    }
+
     #[test]
     fn mismatch_removes_partial_and_names_both_digests() {
         let dir = tempfile::tempdir().unwrap();
@@ -812,6 +972,144 @@ mod tests {
         });
         assert_eq!(downloads.load(Ordering::SeqCst), 1);
         assert!(s.has(&digest));
+    }
+
+    /// Issue 16 defect 8: the cache holds the image's setuid binaries and device nodes.
+    #[test]
+    fn cache_root_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let fresh = dir.path().join("fresh/cache");
+        BlobStore::open(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+        let layers_first = dir.path().join("layers-first");
+        crate::image::rootfs::LayerCache::open(&layers_first).unwrap();
+        assert_eq!(mode(&layers_first), 0o700);
+        // A cache made world-readable by an older envbox is closed too.
+        let old = dir.path().join("old");
+        fs::create_dir(&old).unwrap();
+        fs::set_permissions(&old, fs::Permissions::from_mode(0o755)).unwrap();
+        BlobStore::open(&old).unwrap();
+        assert_eq!(mode(&old), 0o700);
+    }
+
+    /// Issue 16 defect 3: every pod's envbox is PID 1, so a pid-and-thread temporary name is the
+    /// same in every pod sharing the cache; here another pod's half-written file holds it.
+    #[test]
+    fn temporary_names_do_not_collide_across_pods() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let me = format!("{}.{:?}", std::process::id(), std::thread::current().id());
+        for name in [format!("{}.put.{me}", &HELLO[7..]), format!("ref.{me}")] {
+            fs::create_dir(dir.path().join("tmp").join(name)).unwrap();
+        }
+        s.put(HELLO, b"hello").unwrap();
+        let r = ImageRef::parse("example.com/x:1").unwrap();
+        let rec = RefRecord {
+            reference: r.to_string(),
+            top_digest: HELLO.into(),
+            manifest_digest: HELLO.into(),
+        };
+        s.save_ref(&r, &rec).unwrap();
+        assert_eq!(s.load_ref(&r).unwrap(), rec);
+        // A record of image Y under image X's name (a collision, or a damaged cache) is not used.
+        let y = ImageRef::parse("example.com/y:1").unwrap();
+        fs::write(
+            s.ref_path(&r),
+            serde_json::to_vec(&RefRecord {
+                reference: y.to_string(),
+                ..rec.clone()
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        assert!(s.load_ref(&r).is_none(), "a record of {y} was read for {r}");
+    }
+
+    /// Issue 16 defect 9: waiting for another writer's blob lock ignored a stop request and
+    /// had no bound.
+    #[test]
+    fn blob_lock_wait_is_cancellable_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = BlobStore::open(dir.path()).unwrap();
+        s.lock_stall = Duration::from_millis(600);
+        let held = s.writer(HELLO, Some(5)).unwrap().unwrap();
+        let cancel = AtomicBool::new(false);
+        let started = Instant::now();
+        let result = std::thread::scope(|sc| {
+            let h = sc.spawn(|| {
+                s.writer_cancellable(HELLO, Some(5), &cancel)
+                    .map(|w| w.is_some())
+            });
+            std::thread::sleep(Duration::from_millis(100));
+            cancel.store(true, Ordering::SeqCst);
+            // The old code waited for the holder: release it after a while so the test ends.
+            while !h.is_finished() && started.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let finished_alone = h.is_finished();
+            if !finished_alone {
+                drop(held);
+            }
+            (finished_alone, h.join().unwrap())
+        });
+        assert!(result.0, "still waiting for the lock after a stop request");
+        assert!(
+            matches!(result.1, Err(StoreError::Cancelled)),
+            "{:?}",
+            result.1
+        );
+        // A holder that makes no progress is given up on after the stall bound.
+        let _held = s.writer(&sha256_digest(b"x"), Some(1)).unwrap().unwrap();
+        let never = AtomicBool::new(false);
+        let t = Instant::now();
+        let e = s
+            .writer_cancellable(&sha256_digest(b"x"), Some(1), &never)
+            .unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert!(e.to_string().contains("no progress"), "{e}");
+    }
+
+    /// Issue 16 defect 9: partial downloads of blobs nobody pulls any more stayed in `tmp/`
+    /// forever.
+    #[test]
+    fn idle_partials_and_temporaries_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let tmp = dir.path().join("tmp");
+        let age = |p: &Path, secs: u64| {
+            let f = File::options().write(true).open(p).unwrap();
+            f.set_modified(std::time::SystemTime::now() - Duration::from_secs(secs))
+                .unwrap();
+        };
+        let old = sha256_digest(b"old");
+        let fresh = sha256_digest(b"fresh");
+        let busy = sha256_digest(b"busy");
+        for d in [&old, &fresh, &busy] {
+            fs::write(tmp.join(format!("{}.partial", &d[7..])), b"part").unwrap();
+        }
+        age(&tmp.join(format!("{}.partial", &old[7..])), 3 * 86400);
+        let mut w = s.writer(&busy, None).unwrap().unwrap();
+        w.write_all(b"more").unwrap();
+        age(&tmp.join(format!("{}.partial", &busy[7..])), 3 * 86400);
+        let stray = tmp.join(format!("x.{}.tmp", crate::image::durable::random_hex()));
+        fs::write(&stray, b"").unwrap();
+        age(&stray, 7200);
+        let removed = s.sweep_tmp(Duration::from_secs(86400)).unwrap();
+        assert_eq!(removed, 2);
+        let mut left: Vec<String> = fs::read_dir(&tmp)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut want = vec![
+            format!("{}.partial", &fresh[7..]),
+            format!("{}.partial", &busy[7..]),
+            format!("{}.lock", &busy[7..]),
+        ];
+        want.sort();
+        assert_eq!(left, want);
     }
 
     #[test]
@@ -912,7 +1210,11 @@ mod pull_tests {
         // Tag moved: the new manifest is fetched by digest; unchanged layers are reused.
         let l3 = vec![9u8; 2048];
         let d3 = fake.add_blob(&l3);
-        let cfg = r#"{"architecture":"amd64","os":"linux","config":{"Cmd":["bash"]}}"#.to_string();
+        let cfg = format!(
+            r#"{{"architecture":"amd64","os":"linux","config":{{"Cmd":["bash"]}},"rootfs":{{"type":"layers","diff_ids":["{}","{}"]}}}}"#,
+            digest(b"diff 1"),
+            digest(b"diff 3")
+        );
         let dc = fake.add_blob(cfg.as_bytes());
         let m = format!(
             r#"{{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":{{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"{dc}","size":{}}},"layers":[{{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","digest":"{}","size":{}}},{{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","digest":"{d3}","size":2048}}]}}"#,

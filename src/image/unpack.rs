@@ -52,6 +52,10 @@
 //!   layer to a whited-out path, which sees the whiteouts applied before it).
 //! * The decompressed stream is checked against the image configuration's diff_id when
 //!   the caller gives one; a mismatch fails the layer after its last byte.
+//! * The archive is framed by [`crate::image::tarstream`], not the `tar` crate's reader:
+//!   extension headers are capped (1 MiB), each layer has a budget of stream bytes and
+//!   entries, and sparse entries (every GNU format) are refused rather than written with
+//!   their holes filled.
 
 use std::collections::HashSet;
 use std::ffi::CStr;
@@ -64,6 +68,8 @@ use std::sync::mpsc;
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, ResolveFlags, Timestamps};
 use rustix::io::Errno;
 use sha2::{Digest as _, Sha256};
+
+use crate::image::tarstream::{Entry, Limits, TarError, TarReader};
 
 /// Size of the buffer file contents are copied through (reused for all entries).
 const COPY_BUFFER: usize = 256 * 1024;
@@ -185,6 +191,12 @@ pub enum UnpackError {
     #[error("reading the layer stream ({at}): {source}")]
     Read { at: String, source: io::Error },
 
+    #[error("reading the layer ({at}): {source}")]
+    Archive {
+        at: String,
+        source: crate::image::tarstream::TarError,
+    },
+
     #[error("layer entry {entry:?}: {op}: {source}")]
     Io {
         entry: String,
@@ -252,7 +264,7 @@ pub fn apply_layer(
         compression,
         shift,
         expected_diff_id,
-        Target::Flatten,
+        (Target::Flatten, Limits::default()),
     )
 }
 
@@ -290,7 +302,7 @@ pub fn apply_layer_overlay(
         compression,
         shift,
         expected_diff_id,
-        Target::Overlay,
+        (Target::Overlay, Limits::default()),
     )
 }
 
@@ -363,7 +375,7 @@ fn apply(
     compression: Compression,
     shift: &IdShift,
     expected_diff_id: Option<&str>,
-    target: Target,
+    (target, limits): (Target, Limits),
 ) -> Result<LayerStats, UnpackError> {
     let expected = expected_diff_id.map(parse_diff_id).transpose()?;
     let open_dir = |p: &Path| {
@@ -382,7 +394,7 @@ fn apply(
         .iter()
         .map(|p| open_dir(p))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut applier = Applier::new(root_fd.as_fd(), &lower_fds, *shift, target);
+    let mut applier = Applier::new(root_fd.as_fd(), &lower_fds, *shift, target, limits);
     let verify = expected.is_some();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cpus < 2 {
@@ -613,6 +625,8 @@ enum Kind {
 
 struct Applier<'r> {
     root: BorrowedFd<'r>,
+    /// Extension header size, byte and entry budgets for this layer.
+    limits: Limits,
     /// Directories of the layers below (overlay format), uppermost first.
     lowers: &'r [OwnedFd],
     shift: IdShift,
@@ -822,8 +836,15 @@ fn parse_pax_time(value: &[u8]) -> Option<rfs::Timespec> {
 }
 
 impl<'r> Applier<'r> {
-    fn new(root: BorrowedFd<'r>, lowers: &'r [OwnedFd], shift: IdShift, target: Target) -> Self {
+    fn new(
+        root: BorrowedFd<'r>,
+        lowers: &'r [OwnedFd],
+        shift: IdShift,
+        target: Target,
+        limits: Limits,
+    ) -> Self {
         Applier {
+            limits,
             root,
             lowers,
             shift,
@@ -843,30 +864,38 @@ impl<'r> Applier<'r> {
     }
 
     fn run<R: Read>(&mut self, reader: R) -> Result<LayerStats, UnpackError> {
-        let mut archive = tar::Archive::new(reader);
-        {
-            let entries = archive.entries().map_err(|e| UnpackError::Read {
-                at: "start of layer".into(),
-                source: e,
-            })?;
-            for entry in entries {
-                let mut entry = entry.map_err(|e| UnpackError::Read {
-                    at: self.position(),
-                    source: e,
-                })?;
-                self.apply_entry(&mut entry)?;
-                self.stats.entries += 1;
-            }
+        let mut tar = TarReader::new(reader, self.limits);
+        while let Some(entry) = tar.next_entry().map_err(|e| self.tar_error(e))? {
+            self.apply_entry(&entry, &mut tar)?;
+            self.stats.entries += 1;
         }
         // Read the stream to its end: trailing padding, and the gzip/zstd trailer
         // whose checksum a truncated or corrupt layer fails.
-        let mut rest = archive.into_inner();
-        io::copy(&mut rest, &mut io::sink()).map_err(|e| UnpackError::Read {
-            at: "after the end of the archive".into(),
-            source: e,
+        tar.drain().map_err(|e| match e {
+            TarError::Io(source) => UnpackError::Read {
+                at: "after the end of the archive".into(),
+                source,
+            },
+            other => UnpackError::Archive {
+                at: "after the end of the archive".into(),
+                source: other,
+            },
         })?;
         self.finish_dir_times()?;
         Ok(self.stats)
+    }
+
+    fn tar_error(&self, e: TarError) -> UnpackError {
+        match e {
+            TarError::Io(source) => UnpackError::Read {
+                at: self.position(),
+                source,
+            },
+            other => UnpackError::Archive {
+                at: self.position(),
+                source: other,
+            },
+        }
     }
 
     fn position(&self) -> String {
@@ -905,10 +934,14 @@ impl<'r> Applier<'r> {
         }
     }
 
-    fn apply_entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), UnpackError> {
+    fn apply_entry<R: Read>(
+        &mut self,
+        entry: &Entry,
+        data: &mut TarReader<R>,
+    ) -> Result<(), UnpackError> {
         self.raw_name.clear();
-        self.raw_name.extend_from_slice(&entry.path_bytes());
-        let type_flag = entry.header().entry_type().as_byte();
+        self.raw_name.extend_from_slice(&entry.path);
+        let type_flag = entry.type_flag();
         if type_flag == b'g' {
             // PAX global header: nothing in it matters for unpacking.
             return Ok(());
@@ -940,10 +973,10 @@ impl<'r> Applier<'r> {
         };
 
         if matches!(kind, Kind::Hardlink | Kind::Symlink) {
-            match entry.link_name_bytes() {
+            match entry.link.as_deref() {
                 Some(l) if !l.is_empty() => {
                     self.link.clear();
-                    self.link.extend_from_slice(&l);
+                    self.link.extend_from_slice(l);
                 }
                 _ => return Err(self.invalid("link entry without a link target")),
             }
@@ -964,7 +997,7 @@ impl<'r> Applier<'r> {
 
         let parent = self.parent_for_create()?;
         let path = std::mem::take(&mut self.path);
-        let result = self.create(entry, &kind, &meta, parent.fd(self.root), &path);
+        let result = self.create(entry, data, &kind, &meta, parent.fd(self.root), &path);
         self.path = path;
         self.release_parent(parent);
         result?;
@@ -973,11 +1006,10 @@ impl<'r> Applier<'r> {
     }
 
     /// Reads owner, mode, times and xattrs of the entry, shifting the ids.
-    fn read_meta<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<Meta, UnpackError> {
-        let h = entry.header();
+    fn read_meta(&mut self, entry: &Entry) -> Result<Meta, UnpackError> {
+        let h = &entry.header;
         let mode = h.mode().map_err(self.io_err("parse mode"))? & 0o7777;
-        let uid = h.uid().map_err(self.io_err("parse uid"))?;
-        let gid = h.gid().map_err(self.io_err("parse gid"))?;
+        let (uid, gid) = (entry.uid, entry.gid);
         let mtime = h.mtime().map_err(self.io_err("parse mtime"))?;
         let mut mtime = rfs::Timespec {
             tv_sec: i64::try_from(mtime).unwrap_or(i64::MAX),
@@ -985,29 +1017,15 @@ impl<'r> Applier<'r> {
         };
         let mut atime = None;
         self.xattrs.clear();
-        let pax = entry.pax_extensions().map_err(|e| UnpackError::Io {
-            entry: lossy(&self.raw_name),
-            op: "parse PAX header",
-            source: e,
-        })?;
-        if let Some(pax) = pax {
-            for ext in pax {
-                let ext = ext.map_err(|e| UnpackError::Io {
-                    entry: lossy(&self.raw_name),
-                    op: "parse PAX header",
-                    source: e,
-                })?;
-                let key = ext.key_bytes();
-                if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                    self.xattrs
-                        .push((name.to_vec(), ext.value_bytes().to_vec()));
-                } else if key == b"mtime" {
-                    if let Some(t) = parse_pax_time(ext.value_bytes()) {
-                        mtime = t;
-                    }
-                } else if key == b"atime" {
-                    atime = parse_pax_time(ext.value_bytes());
+        for (key, value) in &entry.pax {
+            if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                self.xattrs.push((name.to_vec(), value.clone()));
+            } else if key == b"mtime" {
+                if let Some(t) = parse_pax_time(value) {
+                    mtime = t;
                 }
+            } else if key == b"atime" {
+                atime = parse_pax_time(value);
             }
         }
         let uid = self.map_id("uid", uid)?;
@@ -1052,14 +1070,18 @@ impl<'r> Applier<'r> {
     }
 
     /// Keeps the parent fd for the next entry unless something was removed.
+    ///
+    /// A removal invalidates the cached fd whatever the parent of this entry was: an
+    /// entry directly under the root (parent `Root`) can replace the symlink the cached
+    /// directory was resolved through (`a -> x` with `a/b` cached as `x/b`).
     fn release_parent(&mut self, parent: Parent) {
-        if let Parent::Dir(fd) = parent {
-            if !self.removed {
-                let (p, _) = split_parent(&self.path);
-                self.cache_key.clear();
-                self.cache_key.extend_from_slice(p);
-                self.cache_fd = Some(fd);
-            }
+        if self.removed {
+            self.cache_fd = None;
+        } else if let Parent::Dir(fd) = parent {
+            let (p, _) = split_parent(&self.path);
+            self.cache_key.clear();
+            self.cache_key.extend_from_slice(p);
+            self.cache_fd = Some(fd);
         }
         self.removed = false;
     }
@@ -1132,7 +1154,8 @@ impl<'r> Applier<'r> {
 
     fn create<R: Read>(
         &mut self,
-        entry: &mut tar::Entry<'_, R>,
+        entry: &Entry,
+        data: &mut TarReader<R>,
         kind: &Kind,
         meta: &Meta,
         parent: BorrowedFd<'_>,
@@ -1140,7 +1163,7 @@ impl<'r> Applier<'r> {
     ) -> Result<(), UnpackError> {
         let (_, name) = split_parent(path);
         match kind {
-            Kind::File => self.create_file(entry, meta, parent, name),
+            Kind::File => self.create_file(data, meta, parent, name),
             Kind::Dir => self.create_dir(meta, parent, name, path),
             Kind::Symlink => self.create_symlink(meta, parent, name),
             Kind::Hardlink => self.create_hardlink(parent, name, path),
@@ -1152,7 +1175,7 @@ impl<'r> Applier<'r> {
 
     fn create_file<R: Read>(
         &mut self,
-        entry: &mut tar::Entry<'_, R>,
+        entry: &mut TarReader<R>,
         meta: &Meta,
         parent: BorrowedFd<'_>,
         name: &[u8],
@@ -1184,7 +1207,7 @@ impl<'r> Applier<'r> {
     /// Streams the entry's content into `file` through the reused buffer.
     fn copy_data<R: Read>(
         &mut self,
-        entry: &mut tar::Entry<'_, R>,
+        entry: &mut TarReader<R>,
         file: &File,
     ) -> Result<u64, UnpackError> {
         let mut total = 0u64;
@@ -1192,7 +1215,7 @@ impl<'r> Applier<'r> {
         let result = (|| loop {
             let mut filled = 0;
             while filled < buf.len() {
-                match entry.read(&mut buf[filled..]) {
+                match entry.read_data(&mut buf[filled..]) {
                     Ok(0) => break,
                     Ok(n) => filled += n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -1683,9 +1706,9 @@ impl<'r> Applier<'r> {
         Ok(())
     }
 
-    fn create_special<R: Read>(
+    fn create_special(
         &mut self,
-        entry: &tar::Entry<'_, R>,
+        entry: &Entry,
         kind: &Kind,
         meta: &Meta,
         parent: BorrowedFd<'_>,
@@ -1694,7 +1717,7 @@ impl<'r> Applier<'r> {
         let (file_type, dev) = match kind {
             Kind::Fifo => (FileType::Fifo, 0),
             _ => {
-                let h = entry.header();
+                let h = &entry.header;
                 let major = h
                     .device_major()
                     .map_err(self.io_err("parse device major"))?
@@ -2417,6 +2440,122 @@ mod tests {
         assert_eq!(lmeta(&s.p("d2d")).mode() & 0o7777, 0o755);
         assert!(lmeta(&s.p("s2d")).is_dir());
         assert!(lmeta(&s.p("f2s")).file_type().is_symlink());
+    }
+
+    /// Issue 16 defect 4: replacing an entry directly under the root (here the symlink
+    /// `a -> x` by a directory) must drop the cached parent fd resolved through it.
+    #[test]
+    fn replacing_a_root_entry_drops_the_cached_parent() {
+        let s = Scene::new();
+        let mut l = Layer::new();
+        l.dir("x");
+        l.symlink("a", "x");
+        l.file("a/b/f1", b"1");
+        l.dir("a");
+        l.file("a/b/f2", b"2");
+        s.apply(l.finish()).unwrap();
+        assert_eq!(fs::read(s.p("x/b/f1")).unwrap(), b"1");
+        assert!(lmeta(&s.p("a")).is_dir());
+        assert_eq!(fs::read(s.p("a/b/f2")).unwrap(), b"2");
+        assert!(
+            !s.p("x/b/f2").exists(),
+            "f2 was written through the old symlink"
+        );
+    }
+
+    /// Issue 16 defect 5: a tiny layer must not be able to exhaust memory or disk.
+    #[test]
+    fn oversized_extension_headers_are_refused() {
+        let s = Scene::new();
+        let mut l = Layer::new();
+        let comment = vec![b'c'; 8 << 20];
+        l.pax(&[("comment", &comment[..])]);
+        l.file("f", b"x");
+        let e = s.apply(l.finish()).unwrap_err().to_string();
+        assert!(e.contains("exceeds the limit of 1048576 bytes"), "{e}");
+        let mut l = Layer::new();
+        let long = "d/".repeat(600_000) + "f";
+        // The builder writes the GNU long name header itself.
+        let mut h = header(EntryType::Regular, 0o644, 0, 0, 1);
+        l.b.append_data(&mut h, &long, &b"x"[..]).unwrap();
+        l.file("short", b"x");
+        let e = s.apply(l.finish()).unwrap_err().to_string();
+        assert!(e.contains("GNU long name of 1200002 bytes exceeds"), "{e}");
+        assert!(!s.p("short").exists());
+    }
+
+    /// Issue 16 defect 5: per-layer budgets of bytes and entries.
+    #[test]
+    fn layer_budgets_stop_the_unpack() {
+        let s = Scene::new();
+        let limits = Limits {
+            max_bytes: 64 << 10,
+            max_entries: 3,
+            ..Limits::default()
+        };
+        let run = |layer: Vec<u8>| {
+            apply(
+                &s.root,
+                &[],
+                &layer[..],
+                Compression::None,
+                &SHIFT,
+                None,
+                (Target::Flatten, limits),
+            )
+        };
+        let mut l = Layer::new();
+        l.file("big", &vec![0u8; 128 << 10]);
+        let e = run(l.finish()).unwrap_err().to_string();
+        assert!(e.contains("exceeds its budget of 65536 bytes"), "{e}");
+        let mut l = Layer::new();
+        for i in 0..4 {
+            l.file(&format!("f{i}"), b"");
+        }
+        let e = run(l.finish()).unwrap_err().to_string();
+        assert!(e.contains("exceeds its budget of 3 entries"), "{e}");
+    }
+
+    /// Issue 16 defect 5: sparse entries were written with their holes filled (old GNU format)
+    /// or as `GNUSparseFile.NNN/<name>` holding the raw map (PAX 1.0).
+    #[test]
+    fn sparse_entries_are_refused_clearly() {
+        let s = Scene::new();
+        let mut l = Layer::new();
+        let mut h = Header::new_gnu();
+        h.set_entry_type(EntryType::GNUSparse);
+        h.set_path("holes").unwrap();
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(MTIME);
+        h.set_size(512);
+        {
+            let g = h.as_gnu_mut().unwrap();
+            g.sparse[0].offset = *b"00000000000\0";
+            g.sparse[0].numbytes = *b"00000001000\0";
+            g.sparse[1].offset = *b"37777777777\0";
+            g.sparse[1].numbytes = *b"00000000000\0";
+            g.realsize = *b"37777777777\0";
+        }
+        h.set_cksum();
+        l.b.append(&h, &[7u8; 512][..]).unwrap();
+        let e = s.apply(l.finish()).unwrap_err().to_string();
+        assert!(e.contains("\"holes\" is a sparse file (GNU format)"), "{e}");
+        assert!(!s.p("holes").exists());
+
+        let s = Scene::new();
+        let mut l = Layer::new();
+        l.pax(&[
+            ("GNU.sparse.major", b"1"),
+            ("GNU.sparse.minor", b"0"),
+            ("GNU.sparse.name", b"real"),
+            ("GNU.sparse.realsize", b"4096"),
+        ]);
+        l.file("GNUSparseFile.0/real", b"1\n0\n512\n");
+        let e = s.apply(l.finish()).unwrap_err().to_string();
+        assert!(e.contains("sparse file (PAX format 1.0)"), "{e}");
+        assert!(!s.p("GNUSparseFile.0").exists());
     }
 
     #[test]

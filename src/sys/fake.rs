@@ -86,6 +86,9 @@ pub struct RecordingKernel {
     calls: Mutex<Vec<Call>>,
     /// Paths whose mknod fails with EEXIST, as on a restart where the node survived.
     pub existing_nodes: Mutex<Vec<PathBuf>>,
+    /// At each overlay mount: the calling thread's working directory and the process's (its
+    /// main thread's), which relative lower directories resolve against.
+    pub overlay_cwds: Mutex<Vec<(PathBuf, PathBuf)>>,
 }
 
 impl RecordingKernel {
@@ -106,6 +109,11 @@ impl Kernel for RecordingKernel {
         work: &Path,
         target: &Path,
     ) -> io::Result<()> {
+        let cwd = |p: &str| std::fs::read_link(p).unwrap_or_default();
+        self.overlay_cwds
+            .lock()
+            .unwrap()
+            .push((cwd("/proc/thread-self/cwd"), cwd("/proc/self/cwd")));
         self.record(Call::MountOverlay {
             lowers: lowers.iter().map(|p| p.to_path_buf()).collect(),
             upper: upper.into(),
