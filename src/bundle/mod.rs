@@ -75,9 +75,13 @@ pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, Bundl
     let etc = input.dir.join("etc");
     kernel.create_dir_all(&etc).map_err(io(&etc))?;
     let pod_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let (resolv, notice) = resolv_conf_with_fallback(&pod_resolv);
+    if let Some(n) = notice {
+        log::warn!("{n}");
+    }
     let files = [
         ("hosts", "/etc/hosts", hosts_file(cfg)),
-        ("resolv.conf", "/etc/resolv.conf", resolv_conf(&pod_resolv)),
+        ("resolv.conf", "/etc/resolv.conf", resolv),
         ("hostname", "/etc/hostname", format!("{}\n", cfg.hostname)),
     ];
     let mut binds = Vec::new();
@@ -284,6 +288,45 @@ pub fn hosts_file(cfg: &Config) -> String {
     )
 }
 
+/// What dockerd gives a container whose host has no usable nameserver (libnetwork's IPv4 defaults).
+pub const FALLBACK_NAMESERVERS: [&str; 2] = ["8.8.8.8", "8.8.4.4"];
+
+/// [`resolv_conf`], and when no nameserver is left (the pod has only a loopback stub such as
+/// systemd-resolved's 127.0.0.53, or none at all) dockerd's public fallback servers are added, with a
+/// notice to say so: a workspace without DNS fails in ways that do not point at the cause.
+pub fn resolv_conf_with_fallback(pod: &str) -> (String, Option<String>) {
+    let mut conf = resolv_conf(pod);
+    let has_nameserver = conf
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some("nameserver"));
+    if has_nameserver {
+        return (conf, None);
+    }
+    let dropped: Vec<&str> = pod
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some("nameserver")).then(|| f.next()).flatten()
+        })
+        .collect();
+    for ns in FALLBACK_NAMESERVERS {
+        conf.push_str(&format!("nameserver {ns}\n"));
+    }
+    let why = if dropped.is_empty() {
+        "the pod's /etc/resolv.conf has no nameserver".to_string()
+    } else {
+        format!(
+            "the pod's /etc/resolv.conf has only loopback nameservers ({}), which the workspace cannot reach",
+            dropped.join(", ")
+        )
+    };
+    let notice = format!(
+        "{why}; the workspace uses {} instead, as Docker does. Set the pod's dnsPolicy/dnsConfig to give it a reachable resolver",
+        FALLBACK_NAMESERVERS.join(" and ")
+    );
+    (conf, Some(notice))
+}
+
 /// The pod's resolver configuration without loopback nameservers, which would point at the
 /// workspace's own loopback.
 pub fn resolv_conf(pod: &str) -> String {
@@ -329,6 +372,32 @@ mod tests {
         ));
         std::fs::write(root.path().join("etc/machine-id"), "").unwrap();
         assert!(!needs_machine_id(&facts(SbinInit::Systemd), root.path()));
+    }
+
+    #[test]
+    fn resolv_conf_without_a_usable_nameserver_falls_back_as_dockerd_does() {
+        // systemd-resolved's stub only: unreachable from the workspace's own loopback.
+        let (conf, notice) = resolv_conf_with_fallback(
+            "nameserver 127.0.0.53\noptions edns0 trust-ad\nsearch corp.example\n",
+        );
+        assert_eq!(
+            conf,
+            "options edns0 trust-ad\nsearch corp.example\nnameserver 8.8.8.8\nnameserver 8.8.4.4\n"
+        );
+        let notice = notice.expect("a fallback is said");
+        assert!(
+            notice.contains("8.8.8.8") && notice.contains("127.0.0.53"),
+            "{notice}"
+        );
+        // Nothing at all (an empty or missing file).
+        let (conf, notice) = resolv_conf_with_fallback("");
+        assert_eq!(conf, "nameserver 8.8.8.8\nnameserver 8.8.4.4\n");
+        assert!(notice.is_some());
+        // A usable one: kept as it is, nothing said.
+        let (conf, notice) =
+            resolv_conf_with_fallback("nameserver 127.0.0.53\nnameserver 10.96.0.10\n");
+        assert_eq!(conf, "nameserver 10.96.0.10\n");
+        assert_eq!(notice, None);
     }
 
     #[test]

@@ -225,7 +225,8 @@ pub struct LinkPlan {
     pub workspace_addr: Ipv4Addr,
     /// Prefix length of the link network (from `CODER_DOCKER_BRIDGE_CIDR`).
     pub prefix: u8,
-    /// Pod interface that carries the workspace's traffic out (MASQUERADE `-o`), default `eth0`.
+    /// The pod's main interface (`CODER_ETHLINK`, default `eth0`), whose MTU the link takes. NAT is not
+    /// limited to it: the workspace's traffic is masqueraded out of every interface but its own link.
     pub uplink: String,
     /// Pod-side veth name (at most 15 bytes), default `envbox0`.
     pub host_ifname: String,
@@ -608,7 +609,7 @@ pub fn setup_with(
     sys.enable_ip_forward()?;
     nat::ensure_rules(cmd, &iptables, plan)?;
     log::info!(
-        "workspace network: {host} {}/{} <-> eth0 {}/{} (mtu {mtu}), NAT via {}",
+        "workspace network: {host} {}/{} <-> eth0 {}/{} (mtu {mtu} from {}), NAT out of every other interface",
         plan.pod_addr,
         plan.prefix,
         plan.workspace_addr,
