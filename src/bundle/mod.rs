@@ -62,6 +62,8 @@ pub struct BundleInput<'a> {
     pub dir: &'a Path,
     pub envbox_binary: &'a Path,
     pub container_id: &'a str,
+    /// The workspace init's `oom_score_adj`: the pod's own (see `pod::OomOrder`).
+    pub oom_score_adj: i32,
 }
 
 pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, BundleError> {
@@ -176,6 +178,7 @@ pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, Bundl
         memory: cfg.memory,
         cgroups_path: cgroups_path.clone(),
         nofile: nofile_limit(),
+        oom_score_adj: Some(input.oom_score_adj),
     };
     let spec = spec::build(&ws)?;
     let path = input.dir.join("config.json");
