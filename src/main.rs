@@ -384,6 +384,14 @@ fn start_workspace(
     inner_docker_mtu(&rootfs.path, link.mtu, log);
     bundle::add_machine_id(&facts, &rootfs.path);
     let bundle_dir = cfg.state_dir.join("bundle");
+    let volume_shift = match daemons.borrow().as_ref() {
+        Some(d)
+            if runtime::sysbox::idmaps_binds(&d.mgr.tail.text(), cfg.disable_idmapped_mount) =>
+        {
+            bundle::mounts::VolumeShift::IdMappedBySysbox
+        }
+        _ => bundle::mounts::VolumeShift::Shift,
+    };
     let bundle = bundle::prepare(
         kernel,
         &bundle::BundleInput {
@@ -395,12 +403,16 @@ fn start_workspace(
             envbox_binary: &envbox_binary,
             container_id: &id,
             oom_score_adj: oom.workspace,
+            volume_shift,
         },
     )
     .map_err(|e| {
         on_error(&rootfs);
         failed(&e)
     })?;
+    for n in &bundle.notes {
+        log.info(format!("Volume {n}"));
+    }
     if sup.stop_requests() > 0 {
         on_error(&rootfs);
         return Err(Abort::Stopped);
@@ -420,6 +432,7 @@ fn start_workspace(
         envbox_binary: &envbox_binary,
         bundle,
         bundle_id: id.clone(),
+        volume_shift,
         daemons: &daemons,
         sysbox_opts: &sysbox_opts,
     };
@@ -517,6 +530,7 @@ struct StartCreate<'a> {
     bundle: bundle::Bundle,
     /// The id `bundle` was written for (its cgroups path carries it).
     bundle_id: String,
+    volume_shift: bundle::mounts::VolumeShift,
     daemons: &'a std::cell::RefCell<Option<runtime::sysbox::SysboxDaemons>>,
     sysbox_opts: &'a runtime::sysbox::SysboxOptions,
 }
@@ -541,6 +555,7 @@ impl runtime::create::CreateSteps for StartCreate<'_> {
                     envbox_binary: self.envbox_binary,
                     container_id: id,
                     oom_score_adj: self.oom.workspace,
+                    volume_shift: self.volume_shift,
                 },
             )
             .map_err(|e| runtime::oci::RuntimeError::Spawn {

@@ -52,6 +52,8 @@ pub struct Bundle {
     pub stop_signal: i32,
     pub env: Vec<String>,
     pub cgroups_path: String,
+    /// What was done to the volumes, for the build log.
+    pub notes: Vec<String>,
 }
 
 pub struct BundleInput<'a> {
@@ -64,6 +66,8 @@ pub struct BundleInput<'a> {
     pub container_id: &'a str,
     /// The workspace init's `oom_score_adj`: the pod's own (see `pod::OomOrder`).
     pub oom_score_adj: i32,
+    /// What a root-owned default volume with content needs (see `mounts::VolumeShift`).
+    pub volume_shift: mounts::VolumeShift,
 }
 
 pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, BundleError> {
@@ -118,7 +122,8 @@ pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, Bundl
         }
     };
     let planned = mounts::plan(&input.facts.user, &cfg.mounts);
-    let mut all_binds = mounts::prepare(kernel, &planned)?;
+    let (mut all_binds, volume_notes) =
+        mounts::prepare_volumes(kernel, &planned, input.volume_shift)?;
     all_binds.extend(binds);
 
     let devices = devices::prepare(kernel, &input.dir.join("dev"), cfg.add_tun, cfg.add_fuse)?;
@@ -189,6 +194,7 @@ pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, Bundl
         stop_signal,
         env,
         cgroups_path,
+        notes: volume_notes,
     })
 }
 

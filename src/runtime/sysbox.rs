@@ -225,6 +225,15 @@ pub fn mgr_capabilities(mgr_output: &str) -> Vec<String> {
         .collect()
 }
 
+/// Whether sysbox will ID-map a root-owned bind source: sysbox-mgr found the kernel able to, and
+/// CODER_DISABLE_IDMAPPED_MOUNT does not turn it off.
+pub fn idmaps_binds(mgr_output: &str, disabled: bool) -> bool {
+    !disabled
+        && mgr_capabilities(mgr_output)
+            .iter()
+            .any(|l| l.eq_ignore_ascii_case("ID-mapped mounts supported by kernel: yes"))
+}
+
 /// `sysbox-runc --version`'s first line, or why there is none.
 pub fn version(sup: &Supervisor, sysbox_runc: &Path) -> String {
     let mut cmd = Command::new(sysbox_runc);
@@ -498,6 +507,20 @@ Overlayfs on ID-mapped mounts supported by kernel: yes
                 "Overlayfs on ID-mapped mounts supported by kernel: yes"
             ]
         );
+    }
+
+    #[test]
+    fn binds_are_id_mapped_only_when_sysbox_mgr_says_so_and_it_is_not_disabled() {
+        let yes = r#"{"level":"info","msg":"ID-mapped mounts supported by kernel: yes"}"#;
+        let no = r#"{"level":"info","msg":"ID-mapped mounts supported by kernel: no"}"#;
+        assert!(idmaps_binds(yes, false));
+        assert!(!idmaps_binds(yes, true));
+        assert!(!idmaps_binds(no, false));
+        assert!(!idmaps_binds(
+            r#"{"msg":"Use of ID-mapped mounts disabled."}"#,
+            false
+        ));
+        assert!(!idmaps_binds("", false));
     }
 
     #[test]
