@@ -375,7 +375,13 @@ fn start_workspace(
     ));
 
     let id = workspace::fresh_id();
-    let envbox_binary = std::env::current_exe().map_err(|e| failed(&e))?;
+    let envbox_binary = std::env::current_exe().map_err(|e| {
+        // Like every early return after the rootfs is mounted: release it and stop the daemons.
+        on_error(&rootfs);
+        Abort::Failed(format!(
+            "finding envbox's own binary for the workspace's init: {e}"
+        ))
+    })?;
     let settings = bundle::ImageSettings {
         env: p.image.config.env.clone().unwrap_or_default(),
         working_dir: p.image.config.working_dir.clone(),
