@@ -67,7 +67,8 @@ impl BuildLog {
         self.line(LineKind::Error, msg.as_ref());
     }
 
-    /// Ends start-up: writes the single `done` line and flushes the remote sink. Later calls do nothing.
+    /// Ends start-up: writes the single `done` line and flushes the remote sink, which gets no line
+    /// after it. Later calls do nothing.
     pub fn done(&self) {
         if self.done.swap(true, Ordering::SeqCst) {
             return;
@@ -101,7 +102,10 @@ impl BuildLog {
             let _ = writeln!(out, "{json}");
             let _ = out.flush();
         }
-        if kind != LineKind::Done {
+        // Coder keeps about 1 MiB of start-up logs per agent: after `done` the bootstrap's output (the
+        // agent's, for its whole life) would use up the room the agent's own start-up scripts need.
+        // The pod log keeps every line.
+        if kind != LineKind::Done && !self.is_done() {
             if let Some(r) = self
                 .remote
                 .lock()
@@ -210,6 +214,35 @@ mod tests {
         assert_eq!(lines[1]["type"], "error");
         assert_eq!(lines[2]["type"], "done");
         assert_eq!(lines[2]["output"], "");
+    }
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<String>>>);
+    impl RemoteSink for Sink {
+        fn send(&self, _: SystemTime, _: LineKind, output: &str) {
+            self.0.lock().unwrap().push(output.to_string());
+        }
+        fn flush(&self) {}
+    }
+
+    #[test]
+    fn after_done_lines_stay_in_the_pod_log_and_never_reach_coder() {
+        let buf = Buf::default();
+        let sink = Sink::default();
+        let log = BuildLog::new(Box::new(buf.clone()));
+        log.set_remote(Box::new(sink.clone()));
+        log.info("bootstrap: starting the agent");
+        log.done();
+        // The agent's own output for its whole life, and anything else said later.
+        log.info("agent: listening");
+        log.error("the workspace's init ended unexpectedly");
+        assert_eq!(
+            *sink.0.lock().unwrap(),
+            vec!["bootstrap: starting the agent"]
+        );
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("agent: listening"), "{text}");
+        assert!(text.contains("ended unexpectedly"), "{text}");
     }
 
     #[test]

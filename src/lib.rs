@@ -14,5 +14,6 @@ pub mod pid1;
 pub mod pod;
 pub mod runtime;
 pub mod secrets;
+pub mod statedir;
 pub mod sys;
 pub mod workspace;

@@ -3,7 +3,7 @@
 
 use envbox::{
     buildlog, bundle, cgroup, cli, coderlog, config, exec, image, init, net, pid1, pod, runtime,
-    secrets, sys, workspace,
+    secrets, statedir, sys, workspace,
 };
 
 use std::process::ExitCode;
@@ -151,6 +151,12 @@ fn docker(a: &cli::DockerArgs) -> ExitCode {
     if let Err(e) = pod::check_privileged() {
         return fail(&log, &e.to_string());
     }
+    // First of all that changes anything: a second pod on this volume must not touch the first's
+    // writable layer, runtime state or network.
+    let _state_lock = match statedir::StateDirLock::acquire(&cfg.state_dir) {
+        Ok(l) => l,
+        Err(e) => return fail(&log, &e.to_string()),
+    };
     // The cgroup namespace belongs to the calling thread and is inherited by the threads it starts
     // later, which spawn every child; only the Coder log sender (which spawns nothing) predates it.
     if cgroup::detect_layout() == cgroup::Layout::Unified {
@@ -173,12 +179,14 @@ fn docker(a: &cli::DockerArgs) -> ExitCode {
     if let Err(e) = pid1::become_subreaper() {
         log::warn!("cannot become a child subreaper: {e}");
     }
+    // Before any child exists, so each one inherits envbox's place and moves only upwards from it.
+    let oom = pod::oom_order(&kernel, &|m| log.info(m));
     if let Err(e) = pod::prepare(&kernel) {
         return fail(&log, &e.to_string());
     }
     let started = Instant::now();
     let link = Link { plan, mtu };
-    match start_workspace(&cfg, &log, &sup, &kernel, &link) {
+    match start_workspace(&cfg, &log, &sup, &kernel, &link, &oom) {
         Ok(running) => {
             log.info(format!(
                 "Workspace started in {:.1} s",
@@ -189,11 +197,15 @@ fn docker(a: &cli::DockerArgs) -> ExitCode {
             supervise(&cfg, &log, &sup, &kernel, &link, running)
         }
         Err(Abort::Stopped) => {
+            statedir::remove_secrets(&cfg.state_dir);
             log.info("Stopped before the workspace started");
             log.done();
             ExitCode::SUCCESS
         }
-        Err(Abort::Failed(msg)) => fail(&log, &msg),
+        Err(Abort::Failed(msg)) => {
+            statedir::remove_secrets(&cfg.state_dir);
+            fail(&log, &msg)
+        }
     }
 }
 
@@ -223,6 +235,7 @@ fn start_workspace(
     sup: &Arc<Supervisor>,
     kernel: &RealKernel,
     link: &Link,
+    oom: &pod::OomOrder,
 ) -> Result<Running, Abort> {
     let failed = |e: &dyn std::fmt::Display| Abort::Failed(e.to_string());
     // 0711, not 0700: the container's root (host uid 100000 in its user namespace) must be able
@@ -233,6 +246,12 @@ fn start_workspace(
             cfg.state_dir.display()
         ))
     })?;
+
+    // The state lock created CODER_STATE_DIR. A stop that never finished (SIGKILL, a lost node) left
+    // the last start's token behind; it goes before anything else.
+    if !statedir::remove_secrets(&cfg.state_dir).is_empty() {
+        log::info!("removed the agent token files the last run left in CODER_STATE_DIR (it did not stop cleanly)");
+    }
 
     // NVIDIA's driver mounts under /proc make container creation fail (envbox#67).
     if cfg.add_gpu {
@@ -250,16 +269,33 @@ fn start_workspace(
         }
     }
     // sysbox's daemons start while the image is pulled.
+    let sysbox_opts = runtime::sysbox::SysboxOptions {
+        bin_dir: cfg.runtime.binary.parent().map(|p| p.to_path_buf()),
+        disable_idmapped_mount: cfg.disable_idmapped_mount,
+        oom_score_adj: oom.daemons,
+    };
     let sysbox = (cfg.runtime.kind == config::RuntimeKind::SysboxRunc).then(|| {
-        let opts = runtime::sysbox::SysboxOptions {
-            bin_dir: cfg.runtime.binary.parent().map(|p| p.to_path_buf()),
-            disable_idmapped_mount: cfg.disable_idmapped_mount,
-        };
+        let opts = sysbox_opts.clone();
         let (s, l) = (Arc::clone(sup), Arc::clone(log));
+        let runc = cfg.runtime.binary.clone();
         sup.start_step("sysbox", move || {
             l.info("Waiting for sysbox processes to startup...");
             runtime::sysbox::preflight()?;
-            runtime::sysbox::start(&s, &opts, &|m| l.info(m), &|| s.stop_requests() > 0)
+            let d = runtime::sysbox::start(&s, &opts, &|m| l.info(m), &|| s.stop_requests() > 0)?;
+            // What a failure report needs first: which kernel, which sysbox, and whether sysbox
+            // will ID-map or shift the workspace's volumes.
+            let caps = runtime::sysbox::mgr_capabilities(&d.mgr.tail.text());
+            l.info(format!(
+                "Kernel {}, {}; sysbox-mgr: {}",
+                runtime::sysbox::kernel_release(),
+                runtime::sysbox::version(&s, &runc),
+                if caps.is_empty() {
+                    "no report on ID-mapped mounts or shiftfs".to_string()
+                } else {
+                    caps.join("; ")
+                }
+            ));
+            Ok::<_, runtime::sysbox::SysboxError>(d)
         })
     });
     let cancel = Arc::new(AtomicBool::new(false));
@@ -272,14 +308,14 @@ fn start_workspace(
     let pulled = sup.run_step("pull", move || {
         image::pull(&icfg, Some(s), &c, &|m| l.info(m))
     });
-    let daemons = match sysbox.map(|step| step.wait(sup)) {
+    let daemons = std::cell::RefCell::new(match sysbox.map(|step| step.wait(sup)) {
         None => None,
         Some(Ok(Ok(d))) => Some(d),
         Some(Ok(Err(e))) => return Err(failed(&e)),
         Some(Err(_)) => return Err(Abort::Stopped),
-    };
-    let stop_daemons = |d: &Option<runtime::sysbox::SysboxDaemons>| {
-        if let Some(d) = d {
+    });
+    let stop_daemons = |d: &std::cell::RefCell<Option<runtime::sysbox::SysboxDaemons>>| {
+        if let Some(d) = d.borrow().as_ref() {
             d.stop(sup, Instant::now() + Duration::from_secs(5));
         }
     };
@@ -353,7 +389,13 @@ fn start_workspace(
     ));
 
     let id = workspace::fresh_id();
-    let envbox_binary = std::env::current_exe().map_err(|e| failed(&e))?;
+    let envbox_binary = std::env::current_exe().map_err(|e| {
+        // Like every early return after the rootfs is mounted: release it and stop the daemons.
+        on_error(&rootfs);
+        Abort::Failed(format!(
+            "finding envbox's own binary for the workspace's init: {e}"
+        ))
+    })?;
     let settings = bundle::ImageSettings {
         env: p.image.config.env.clone().unwrap_or_default(),
         working_dir: p.image.config.working_dir.clone(),
@@ -362,6 +404,14 @@ fn start_workspace(
     inner_docker_mtu(&rootfs.path, link.mtu, log);
     bundle::add_machine_id(&facts, &rootfs.path);
     let bundle_dir = cfg.state_dir.join("bundle");
+    let volume_shift = match daemons.borrow().as_ref() {
+        Some(d)
+            if runtime::sysbox::idmaps_binds(&d.mgr.tail.text(), cfg.disable_idmapped_mount) =>
+        {
+            bundle::mounts::VolumeShift::IdMappedBySysbox
+        }
+        _ => bundle::mounts::VolumeShift::Shift,
+    };
     let bundle = bundle::prepare(
         kernel,
         &bundle::BundleInput {
@@ -372,38 +422,70 @@ fn start_workspace(
             dir: &bundle_dir,
             envbox_binary: &envbox_binary,
             container_id: &id,
+            oom_score_adj: oom.workspace,
+            volume_shift,
         },
     )
     .map_err(|e| {
         on_error(&rootfs);
         failed(&e)
     })?;
+    for n in &bundle.notes {
+        log.info(format!("Volume {n}"));
+    }
     if sup.stop_requests() > 0 {
         on_error(&rootfs);
         return Err(Abort::Stopped);
     }
 
     log.info("Creating workspace...");
-    let runtime = runtime::oci::OciRuntime::new(
-        cfg.runtime.clone(),
-        runtime::oci::OciRuntime::default_root(cfg.runtime.kind, &cfg.state_dir),
-        Arc::clone(sup),
-    );
-    let ws = workspace::Workspace::create(
-        runtime,
-        Arc::clone(sup),
+    let mut steps = StartCreate {
+        cfg,
+        sup,
+        log,
+        kernel,
+        oom,
+        facts: &facts,
+        settings: &settings,
+        rootfs: &rootfs.path,
+        bundle_dir: &bundle_dir,
+        envbox_binary: &envbox_binary,
+        bundle,
+        bundle_id: id.clone(),
+        volume_shift,
+        daemons: &daemons,
+        sysbox_opts: &sysbox_opts,
+    };
+    let created = runtime::create::create_with_restart(
+        &mut steps,
         &id,
-        &bundle,
-        &cfg.state_dir,
-        &facts.user,
-    )
-    .map_err(|e| {
+        runtime::create::CREATE_TIMEOUT,
+        &|m| log.info(m),
+    );
+    let bundle = steps.bundle;
+    let (_id, ws) = created.map_err(|e| {
+        // sysbox's own reasons (an AppArmor profile, the kernel) are in its daemons' output.
+        let hint = daemons
+            .borrow()
+            .as_ref()
+            .map(|d| {
+                runtime::sysbox::known_causes(
+                    &format!("{}\n{}", d.fs.tail.text(), d.mgr.tail.text()),
+                    &runtime::sysbox::kernel_release(),
+                )
+                .join(" ")
+            })
+            .filter(|h| !h.is_empty());
         on_error(&rootfs);
-        match e {
-            runtime::oci::RuntimeError::Interrupted { .. } => Abort::Stopped,
-            e => failed(&e),
+        match (e, hint) {
+            (runtime::oci::RuntimeError::Interrupted { .. }, _) => Abort::Stopped,
+            (e, Some(hint)) => Abort::Failed(format!("{e}. {hint}")),
+            (e, None) => failed(&e),
         }
     })?;
+    if runtime::limits::needs_copy(cfg.runtime.kind) {
+        copy_limits_into_init_cgroup(cfg, &ws, log);
+    }
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let dirs = cgroup::workspace_dirs(&cgroup::hierarchies(&mountinfo), &bundle.cgroups_path);
     if let Err(e) = cgroup::delegate(kernel, &dirs) {
@@ -425,7 +507,7 @@ fn start_workspace(
         return Err(Abort::Stopped);
     }
     log.info("Starting up workspace...");
-    if let Err(e) = ws.start() {
+    if let Err(e) = ws.start(Instant::now() + runtime::oci::CALL_TIMEOUT) {
         abandon(&ws, &rootfs);
         return Err(failed(&e));
     }
@@ -448,8 +530,104 @@ fn start_workspace(
         ws,
         bootstrap,
         rootfs,
-        daemons,
+        daemons: daemons.into_inner(),
     })
+}
+
+/// Start-up's side of [`runtime::create::create_with_restart`]: the bundle (rewritten for a fresh
+/// id), the runtime's `create`, and sysbox's daemons for the one restart.
+struct StartCreate<'a> {
+    cfg: &'a Config,
+    sup: &'a Arc<Supervisor>,
+    log: &'a Arc<BuildLog>,
+    kernel: &'a RealKernel,
+    oom: &'a pod::OomOrder,
+    facts: &'a image::facts::ImageFacts,
+    settings: &'a bundle::ImageSettings,
+    rootfs: &'a std::path::Path,
+    bundle_dir: &'a std::path::Path,
+    envbox_binary: &'a std::path::Path,
+    bundle: bundle::Bundle,
+    /// The id `bundle` was written for (its cgroups path carries it).
+    bundle_id: String,
+    volume_shift: bundle::mounts::VolumeShift,
+    daemons: &'a std::cell::RefCell<Option<runtime::sysbox::SysboxDaemons>>,
+    sysbox_opts: &'a runtime::sysbox::SysboxOptions,
+}
+
+impl runtime::create::CreateSteps for StartCreate<'_> {
+    type Created = workspace::Workspace;
+
+    fn create(
+        &mut self,
+        id: &str,
+        deadline: Instant,
+    ) -> Result<workspace::Workspace, runtime::oci::RuntimeError> {
+        if id != self.bundle_id {
+            self.bundle = bundle::prepare(
+                self.kernel,
+                &bundle::BundleInput {
+                    config: self.cfg,
+                    facts: self.facts,
+                    image: self.settings,
+                    rootfs: self.rootfs,
+                    dir: self.bundle_dir,
+                    envbox_binary: self.envbox_binary,
+                    container_id: id,
+                    oom_score_adj: self.oom.workspace,
+                    volume_shift: self.volume_shift,
+                },
+            )
+            .map_err(|e| runtime::oci::RuntimeError::Spawn {
+                command: format!("writing the bundle for {id}"),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            self.bundle_id = id.to_string();
+        }
+        let runtime = runtime::oci::OciRuntime::new(
+            self.cfg.runtime.clone(),
+            runtime::oci::OciRuntime::default_root(self.cfg.runtime.kind, &self.cfg.state_dir),
+            Arc::clone(self.sup),
+        )
+        .with_oom_score_adj(self.oom.workspace);
+        workspace::Workspace::create(
+            runtime,
+            Arc::clone(self.sup),
+            id,
+            &self.bundle,
+            &self.cfg.state_dir,
+            &self.facts.user,
+            deadline,
+        )
+    }
+
+    fn has_daemons(&self) -> bool {
+        self.daemons.borrow().is_some()
+    }
+
+    fn restart_daemons(&mut self) -> Result<(), String> {
+        let mut d = self.daemons.borrow_mut();
+        if let Some(old) = d.take() {
+            old.stop(self.sup, Instant::now() + Duration::from_secs(5));
+        }
+        let (sup, log) = (self.sup, self.log);
+        let new = runtime::sysbox::start(sup, self.sysbox_opts, &|m| log.info(m), &|| {
+            sup.stop_requests() > 0
+        })
+        .map_err(|e| e.to_string())?;
+        *d = Some(new);
+        Ok(())
+    }
+
+    fn fresh_id(&mut self) -> String {
+        let mut id = workspace::fresh_id();
+        // Ids are start times in milliseconds; a retry within the same one must still differ.
+        while id == self.bundle_id {
+            std::thread::sleep(Duration::from_millis(1));
+            id = workspace::fresh_id();
+        }
+        id
+    }
 }
 
 /// After start-up: wait for a stop request or an unexpected exit, then stop in order.
@@ -497,34 +675,79 @@ fn supervise(
         }
     };
     let deadline = Instant::now() + cfg.shutdown_timeout;
+    // What follows the container's delete (link, mounts, daemons, the volumes' sync) keeps the last
+    // part of the one deadline, so a runtime that hangs cannot leave it no time at all.
+    let ws_deadline = deadline - teardown_reserve(cfg.shutdown_timeout);
     let hurry = || sup.stop_requests() > 1;
     let t = Instant::now();
-    let clean = r.ws.stop(r.bootstrap.as_ref(), deadline, hurry);
-    if let Err(e) = net::teardown(&link.plan, sup.as_ref()) {
+    let clean = r.ws.stop(r.bootstrap.as_ref(), ws_deadline, hurry);
+    let t_ws = t.elapsed();
+    // The container is gone: nothing reads the token files any more.
+    statedir::remove_secrets(&cfg.state_dir);
+    let iptables = net::UntilDeadline {
+        sup: sup.as_ref(),
+        deadline,
+    };
+    if let Err(e) = net::teardown(&link.plan, &iptables) {
         log::warn!("removing the workspace's link: {e}");
     }
     image::rootfs::release(kernel, &r.rootfs);
     if let Some(d) = &r.daemons {
-        d.stop(sup, deadline);
+        // Half of what is left, so that a wedged daemon leaves the volumes' sync its turn.
+        let now = Instant::now();
+        d.stop(sup, now + deadline.saturating_duration_since(now) / 2);
     }
+    let t_teardown = t.elapsed();
     // What the workspace wrote to its volumes must be on disk before the pod is torn down.
-    let mut synced: Vec<&std::path::Path> = vec![&cfg.state_dir];
-    synced.extend(cfg.mounts.iter().map(|m| m.source.as_path()));
+    let mut synced: Vec<std::path::PathBuf> = vec![cfg.state_dir.clone()];
+    synced.extend(cfg.mounts.iter().map(|m| m.source.clone()));
     synced.extend(
         bundle::mounts::DEFAULT_MOUNTS
             .iter()
-            .map(|(src, _)| std::path::Path::new(*src)),
+            .map(|(src, _)| std::path::PathBuf::from(*src)),
     );
-    sys::sync_filesystems(&synced);
+    sys::sync_filesystems_until(synced, deadline);
     if let Some(msg) = unexpected {
         return fail(log, &msg);
     }
     log::info!(
-        "stopped {} in {:.2} s",
+        "stopped {} in {:.2} s (workspace {:.2} s, link, mounts and daemons {:.2} s, volume sync {:.2} s)",
         if clean { "cleanly" } else { "with force" },
-        t.elapsed().as_secs_f64()
+        t.elapsed().as_secs_f64(),
+        t_ws.as_secs_f64(),
+        (t_teardown - t_ws).as_secs_f64(),
+        (t.elapsed() - t_teardown).as_secs_f64()
     );
     ExitCode::SUCCESS
+}
+
+/// sysbox runs the init one cgroup below `cgroupsPath` and copies no CPU quota there: without this
+/// the workspace reads its CPU limit as unlimited (see `runtime::limits`). Not fatal: the limit holds.
+fn copy_limits_into_init_cgroup(cfg: &Config, ws: &workspace::Workspace, log: &BuildLog) {
+    let state = runtime::limits::state_file(ws.runtime_root(), &ws.id);
+    match runtime::limits::copy_limits(
+        &runtime::limits::RealCgroupFiles,
+        &state,
+        cfg.cpus,
+        cfg.memory,
+        bundle::spec::CPU_PERIOD_US,
+    ) {
+        Ok(c) => {
+            if c.cpu_written {
+                log::info!("copied the CPU limit into the workspace init's cgroup (sysbox)");
+            }
+            if let Some(m) = c.memory_mismatch {
+                log.info(format!("Memory limit inside the workspace: {m}"));
+            }
+        }
+        Err(e) => log.info(format!("CPU limit inside the workspace: {e}")),
+    }
+}
+
+/// The part of the shutdown timeout kept for the steps after the container's delete: a fifth, between
+/// half a second and three seconds.
+fn teardown_reserve(timeout: Duration) -> Duration {
+    (timeout / 5).clamp(Duration::from_millis(500), Duration::from_secs(3))
 }
 
 /// The inner dockerd should use the pod's MTU (envbox#167). A `daemon.json` saying so is written

@@ -19,6 +19,9 @@ use crate::pid1::supervisor::{Exit, Supervisor};
 use crate::runtime::oci::{ExecStdio, OciRuntime, RuntimeError};
 
 pub const STATE_FILE: &str = "workspace.json";
+/// What the `delete` after a failed or interrupted `create` gets: a healthy one takes well under a
+/// second, and start-up has no shutdown deadline of its own to pass down.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What `envbox exec` (and the tests) need to find the running workspace.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -122,14 +125,15 @@ impl Workspace {
         bundle: &Bundle,
         state_dir: &Path,
         user: &UserInfo,
+        deadline: Instant,
     ) -> Result<Workspace, RuntimeError> {
         let pid_file = state_dir.join("workspace.pid");
         let _ = std::fs::remove_file(&pid_file);
-        let init_output = match runtime.create(id, &bundle.dir, &pid_file) {
+        let init_output = match runtime.create(id, &bundle.dir, &pid_file, deadline) {
             Ok(t) => t,
             Err(e) => {
                 // A create that failed or was cut short may have left the container half made.
-                let _ = runtime.delete(id, true);
+                let _ = runtime.delete(id, true, Instant::now() + CLEANUP_TIMEOUT);
                 return Err(e);
             }
         };
@@ -166,8 +170,13 @@ impl Workspace {
         })
     }
 
-    pub fn start(&self) -> Result<(), RuntimeError> {
-        self.runtime.start(&self.id)
+    /// The runtime's `--root`, where it keeps the container's state.
+    pub fn runtime_root(&self) -> &Path {
+        &self.runtime.root
+    }
+
+    pub fn start(&self, deadline: Instant) -> Result<(), RuntimeError> {
+        self.runtime.start(&self.id, deadline)
     }
 
     /// Feeds the script to `/bin/sh -s` as the user, with HOME and BINARY_DIR set, and drains its
@@ -300,13 +309,18 @@ impl Workspace {
                     .saturating_duration_since(Instant::now())
                     .as_secs_f64()
             );
-            if let Err(e) = self.runtime.kill(&self.id, self.stop_signal) {
-                log::warn!("sending the stop signal to the workspace: {e}");
-            }
             // Keep a second for the kill and delete after the deadline's SIGKILL.
             let wait_until = deadline
                 .checked_sub(Duration::from_secs(1))
                 .unwrap_or(deadline);
+            // Delivering a signal is instant for a healthy runtime; a hung one (a wedged sysbox-fs)
+            // may not eat the workspace's own time to stop, so it gets a quarter of what is left,
+            // and then the signal goes to the init directly (it is our child).
+            let kill_by = Instant::now() + wait_until.saturating_duration_since(Instant::now()) / 4;
+            if let Err(e) = self.runtime.kill(&self.id, self.stop_signal, kill_by) {
+                log::warn!("sending the stop signal to the workspace through the runtime: {e}; sending it directly");
+                let _ = self.sup.signal(self.pid, self.stop_signal);
+            }
             exited = self.wait_or_hurry(self.pid, wait_until, &hurry);
             if !exited {
                 if hurry() {
@@ -318,12 +332,19 @@ impl Workspace {
             }
         }
         if !exited {
-            let _ = self.runtime.kill(&self.id, libc::SIGKILL);
-            let _ = self
-                .sup
-                .wait_exit(self.pid, Some(Instant::now() + Duration::from_secs(2)));
+            // Directly, not through the runtime, which may be what hangs: the init's death takes
+            // every process of the workspace's pid namespace with it.
+            let _ = self.sup.signal(self.pid, libc::SIGKILL);
+            let _ = self.sup.wait_exit(
+                self.pid,
+                Some(deadline.max(Instant::now() + Duration::from_millis(200))),
+            );
         }
-        if let Err(e) = self.runtime.delete(&self.id, true) {
+        if let Err(e) = self.runtime.delete(
+            &self.id,
+            true,
+            deadline.max(Instant::now() + Duration::from_millis(200)),
+        ) {
             log::warn!("deleting the workspace container: {e}");
             clean = false;
         }

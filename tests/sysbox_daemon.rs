@@ -34,6 +34,7 @@ fn readiness_restart_and_early_exit() {
     let opts = SysboxOptions {
         bin_dir: Some(dir.path().to_path_buf()),
         disable_idmapped_mount: false,
+        oom_score_adj: None,
     };
 
     write_daemon(

@@ -50,6 +50,8 @@ pub struct Bundle {
     pub stop_signal: i32,
     pub env: Vec<String>,
     pub cgroups_path: String,
+    /// What was done to the volumes, for the build log.
+    pub notes: Vec<String>,
 }
 
 pub struct BundleInput<'a> {
@@ -60,6 +62,10 @@ pub struct BundleInput<'a> {
     pub dir: &'a Path,
     pub envbox_binary: &'a Path,
     pub container_id: &'a str,
+    /// The workspace init's `oom_score_adj`: the pod's own (see `pod::OomOrder`).
+    pub oom_score_adj: i32,
+    /// What a root-owned default volume with content needs (see `mounts::VolumeShift`).
+    pub volume_shift: mounts::VolumeShift,
 }
 
 pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, BundleError> {
@@ -73,9 +79,13 @@ pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, Bundl
     let etc = input.dir.join("etc");
     kernel.create_dir_all(&etc).map_err(io(&etc))?;
     let pod_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let (resolv, notice) = resolv_conf_with_fallback(&pod_resolv);
+    if let Some(n) = notice {
+        log::warn!("{n}");
+    }
     let files = [
         ("hosts", "/etc/hosts", hosts_file(cfg)),
-        ("resolv.conf", "/etc/resolv.conf", resolv_conf(&pod_resolv)),
+        ("resolv.conf", "/etc/resolv.conf", resolv),
         ("hostname", "/etc/hostname", format!("{}\n", cfg.hostname)),
     ];
     let mut binds = Vec::new();
@@ -110,7 +120,8 @@ pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, Bundl
         }
     };
     let planned = mounts::plan(&input.facts.user, &cfg.mounts);
-    let mut all_binds = mounts::prepare(kernel, &planned)?;
+    let (mut all_binds, volume_notes) =
+        mounts::prepare_volumes(kernel, &planned, input.volume_shift)?;
     all_binds.extend(binds);
 
     let devices = devices::prepare(kernel, &input.dir.join("dev"), cfg.add_tun, cfg.add_fuse)?;
@@ -170,6 +181,7 @@ pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, Bundl
         memory: cfg.memory,
         cgroups_path: cgroups_path.clone(),
         nofile: nofile_limit(),
+        oom_score_adj: Some(input.oom_score_adj),
     };
     let spec = spec::build(&ws)?;
     let path = input.dir.join("config.json");
@@ -180,6 +192,7 @@ pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, Bundl
         stop_signal,
         env,
         cgroups_path,
+        notes: volume_notes,
     })
 }
 
@@ -288,6 +301,45 @@ pub fn hosts_file(cfg: &Config) -> String {
     )
 }
 
+/// What dockerd gives a container whose host has no usable nameserver (libnetwork's IPv4 defaults).
+pub const FALLBACK_NAMESERVERS: [&str; 2] = ["8.8.8.8", "8.8.4.4"];
+
+/// [`resolv_conf`], and when no nameserver is left (the pod has only a loopback stub such as
+/// systemd-resolved's 127.0.0.53, or none at all) dockerd's public fallback servers are added, with a
+/// notice to say so: a workspace without DNS fails in ways that do not point at the cause.
+pub fn resolv_conf_with_fallback(pod: &str) -> (String, Option<String>) {
+    let mut conf = resolv_conf(pod);
+    let has_nameserver = conf
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some("nameserver"));
+    if has_nameserver {
+        return (conf, None);
+    }
+    let dropped: Vec<&str> = pod
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some("nameserver")).then(|| f.next()).flatten()
+        })
+        .collect();
+    for ns in FALLBACK_NAMESERVERS {
+        conf.push_str(&format!("nameserver {ns}\n"));
+    }
+    let why = if dropped.is_empty() {
+        "the pod's /etc/resolv.conf has no nameserver".to_string()
+    } else {
+        format!(
+            "the pod's /etc/resolv.conf has only loopback nameservers ({}), which the workspace cannot reach",
+            dropped.join(", ")
+        )
+    };
+    let notice = format!(
+        "{why}; the workspace uses {} instead, as Docker does. Set the pod's dnsPolicy/dnsConfig to give it a reachable resolver",
+        FALLBACK_NAMESERVERS.join(" and ")
+    );
+    (conf, Some(notice))
+}
+
 /// The pod's resolver configuration without loopback nameservers, which would point at the
 /// workspace's own loopback.
 pub fn resolv_conf(pod: &str) -> String {
@@ -333,6 +385,32 @@ mod tests {
         ));
         std::fs::write(root.path().join("etc/machine-id"), "").unwrap();
         assert!(!needs_machine_id(&facts(SbinInit::Systemd), root.path()));
+    }
+
+    #[test]
+    fn resolv_conf_without_a_usable_nameserver_falls_back_as_dockerd_does() {
+        // systemd-resolved's stub only: unreachable from the workspace's own loopback.
+        let (conf, notice) = resolv_conf_with_fallback(
+            "nameserver 127.0.0.53\noptions edns0 trust-ad\nsearch corp.example\n",
+        );
+        assert_eq!(
+            conf,
+            "options edns0 trust-ad\nsearch corp.example\nnameserver 8.8.8.8\nnameserver 8.8.4.4\n"
+        );
+        let notice = notice.expect("a fallback is said");
+        assert!(
+            notice.contains("8.8.8.8") && notice.contains("127.0.0.53"),
+            "{notice}"
+        );
+        // Nothing at all (an empty or missing file).
+        let (conf, notice) = resolv_conf_with_fallback("");
+        assert_eq!(conf, "nameserver 8.8.8.8\nnameserver 8.8.4.4\n");
+        assert!(notice.is_some());
+        // A usable one: kept as it is, nothing said.
+        let (conf, notice) =
+            resolv_conf_with_fallback("nameserver 127.0.0.53\nnameserver 10.96.0.10\n");
+        assert_eq!(conf, "nameserver 10.96.0.10\n");
+        assert_eq!(notice, None);
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //!
 //! Ownership follows the Go envbox, minus its bugs: non-recursive, the user's home owned by
 //! 100000+uid:gid so the user can write it, other writable sources by the workspace's root (100000).
+//! The one recursive change is the once-only shift of a root-owned default volume that already has
+//! content and that sysbox will not ID-map (see [`VolumeShift`]).
 //! A read-only source is mounted read-only and left exactly as it is: never remounted read-write in
 //! the pod (envbox#55) and never chowned.
 
@@ -110,12 +112,40 @@ pub fn plan(user: &UserInfo, user_mounts: &[MountSpec]) -> Vec<PlannedMount> {
     out
 }
 
+/// How a default volume that is root-owned and not empty is made usable. The Go envbox ran sysbox
+/// with ID-mapped binds of `/var/lib/coder/{docker,containers}`, so the inner dockerd's files on
+/// those PVCs belong to host uid 0; handing only the top directory to 100000 (as for a fresh volume)
+/// makes sysbox bind it plainly, and everything below shows as `nobody` inside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeShift {
+    /// sysbox ID-maps a root-owned bind source (kernel and sysbox-mgr support it, not disabled):
+    /// the volume stays exactly as it is.
+    IdMappedBySysbox,
+    /// No ID-mapped binds (runc, crun, an old kernel, CODER_DISABLE_IDMAPPED_MOUNT): every entry is
+    /// shifted by 100000 once, recorded by [`SHIFT_MARKER`].
+    Shift,
+}
+
+/// Written at the top of a volume once its content is shifted, so that it is done once.
+pub const SHIFT_MARKER: &str = ".envbox-uid-shifted";
+
 /// Creates missing default sources, checks user sources exist, and sets ownership.
 pub fn prepare(
     kernel: &dyn Kernel,
     planned: &[PlannedMount],
 ) -> Result<Vec<BindMount>, MountError> {
+    prepare_volumes(kernel, planned, VolumeShift::Shift).map(|(binds, _)| binds)
+}
+
+/// [`prepare`], with what to do about root-owned volumes that have content; also returns what was
+/// done to them, for the build log.
+pub fn prepare_volumes(
+    kernel: &dyn Kernel,
+    planned: &[PlannedMount],
+    shift: VolumeShift,
+) -> Result<(Vec<BindMount>, Vec<String>), MountError> {
     use std::os::unix::fs::MetadataExt;
+    let mut notes = Vec::new();
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| MountError::Io { path, source }
@@ -132,9 +162,35 @@ pub fn prepare(
                 kernel.chmod(src, 0o711).map_err(io(src))?;
             }
             (Ownership::DefaultVolume, Ok(md)) => {
-                // Root-owned means never handed over (a fresh volume); anything else was set
-                // deliberately, by us on an earlier start or by the platform team.
+                // Root-owned means never handed over (a fresh volume, or one of the Go envbox's);
+                // anything else was set deliberately, by us on an earlier start or by the
+                // platform team.
                 if md.uid() == 0 && md.gid() == 0 {
+                    let has_content = std::fs::read_dir(src)
+                        .map(|mut d| d.next().is_some())
+                        .unwrap_or(false);
+                    let shifted = src.join(SHIFT_MARKER).exists();
+                    match (has_content && !shifted, shift) {
+                        (false, _) => {}
+                        (true, VolumeShift::IdMappedBySysbox) => {
+                            notes.push(format!(
+                                "{} has content owned by root: left as it is, sysbox ID-maps it into the workspace",
+                                src.display()
+                            ));
+                            continue;
+                        }
+                        (true, VolumeShift::Shift) => {
+                            let n = shift_tree(kernel, src, md.dev()).map_err(io(src))?;
+                            kernel
+                                .write_file(&src.join(SHIFT_MARKER), b"")
+                                .map_err(io(src))?;
+                            notes.push(format!(
+                                "{} had content owned by root (written through an ID-mapped mount, as by the Go envbox) and no ID-mapped mount to show it inside: shifted {n} entries by {ID_MAP_HOST_START}, once (marked by {SHIFT_MARKER})",
+                                src.display()
+                            ));
+                        }
+                    }
+                    // The top directory last: a shift cut short is resumed at the next start.
                     kernel
                         .chown(src, ID_MAP_HOST_START, ID_MAP_HOST_START)
                         .map_err(io(src))?;
@@ -149,7 +205,46 @@ pub fn prepare(
             }
         }
     }
-    Ok(planned.iter().map(|m| m.bind.clone()).collect())
+    Ok((planned.iter().map(|m| m.bind.clone()).collect(), notes))
+}
+
+/// Adds 100000 to every owner and group below `top` that is not in the workspace's range yet,
+/// depth first, never following symlinks nor leaving `top`'s file system. chown clears setuid and
+/// setgid bits, so they are put back. Returns how many entries were changed.
+fn shift_tree(kernel: &dyn Kernel, top: &Path, dev: u64) -> std::io::Result<usize> {
+    use std::os::unix::fs::MetadataExt;
+    let shift = |id: u32| {
+        if id < ID_MAP_HOST_START {
+            id + ID_MAP_HOST_START
+        } else {
+            id
+        }
+    };
+    let mut changed = 0;
+    let mut stack = vec![top.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let p = entry?.path();
+            let md = std::fs::symlink_metadata(&p)?;
+            if md.dev() != dev {
+                continue; // a mount point: not this volume's
+            }
+            if md.is_dir() {
+                stack.push(p.clone());
+            }
+            let (uid, gid) = (shift(md.uid()), shift(md.gid()));
+            if (uid, gid) == (md.uid(), md.gid()) {
+                continue;
+            }
+            kernel.chown(&p, uid, gid)?;
+            let special = md.mode() & 0o6000;
+            if special != 0 && !md.file_type().is_symlink() {
+                kernel.chmod(&p, md.mode() & 0o7777)?;
+            }
+            changed += 1;
+        }
+    }
+    Ok(changed)
 }
 
 #[cfg(test)]
@@ -269,6 +364,99 @@ mod tests {
             uid: 100000,
             gid: 100000
         }));
+    }
+
+    fn default_volume(src: &Path) -> Vec<PlannedMount> {
+        vec![PlannedMount {
+            bind: BindMount {
+                source: src.into(),
+                target: "/var/lib/docker".into(),
+                read_only: false,
+            },
+            ownership: Ownership::DefaultVolume,
+            is_default: true,
+        }]
+    }
+
+    /// A volume the Go envbox's sysbox wrote through an ID-mapped bind: owned by host root.
+    fn go_envbox_volume(dir: &Path) -> PathBuf {
+        let v = dir.join("docker");
+        std::fs::create_dir_all(v.join("image/overlay2")).unwrap();
+        std::fs::write(v.join("image/overlay2/repositories.json"), "{}").unwrap();
+        std::os::unix::fs::symlink("image", v.join("link")).unwrap();
+        v
+    }
+
+    fn chowns(k: &RecordingKernel) -> Vec<(PathBuf, u32)> {
+        k.calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::Chown { path, uid, .. } => Some((path, uid)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_non_empty_root_owned_volume_is_left_to_sysbox_where_it_id_maps_binds() {
+        if !rustix::process::geteuid().is_root() {
+            return; // the files must be owned by root, as on the volume
+        }
+        let k = RecordingKernel::default();
+        let dir = tempfile::tempdir().unwrap();
+        let v = go_envbox_volume(dir.path());
+        let (_, notes) =
+            prepare_volumes(&k, &default_volume(&v), VolumeShift::IdMappedBySysbox).unwrap();
+        assert_eq!(chowns(&k), vec![], "never chowned");
+        assert!(notes.iter().any(|n| n.contains("ID-maps")), "{notes:?}");
+    }
+
+    #[test]
+    fn without_id_mapped_binds_a_non_empty_root_owned_volume_is_shifted_once_recursively() {
+        if !rustix::process::geteuid().is_root() {
+            return;
+        }
+        let k = RecordingKernel::default();
+        let dir = tempfile::tempdir().unwrap();
+        let v = go_envbox_volume(dir.path());
+        let (_, notes) = prepare_volumes(&k, &default_volume(&v), VolumeShift::Shift).unwrap();
+        let c = chowns(&k);
+        // Every entry, the symlink itself included, by 100000; the top directory last, so an
+        // interrupted shift is resumed at the next start.
+        for p in [
+            "image",
+            "image/overlay2",
+            "image/overlay2/repositories.json",
+            "link",
+        ] {
+            assert!(c.contains(&(v.join(p), 100000)), "{p} in {c:?}");
+        }
+        assert_eq!(c.last(), Some(&(v.clone(), 100000)));
+        assert!(k
+            .calls()
+            .iter()
+            .any(|x| matches!(x, Call::Write { path, .. } if *path == v.join(SHIFT_MARKER))));
+        assert!(notes.iter().any(|n| n.contains("shifted")), "{notes:?}");
+        // With the marker there (an earlier start did it), nothing is shifted again.
+        std::fs::write(v.join(SHIFT_MARKER), "").unwrap();
+        let k = RecordingKernel::default();
+        prepare_volumes(&k, &default_volume(&v), VolumeShift::Shift).unwrap();
+        assert!(chowns(&k).iter().all(|(p, _)| p == &v), "{:?}", chowns(&k));
+    }
+
+    #[test]
+    fn an_empty_root_owned_volume_only_has_its_top_directory_handed_over() {
+        let k = RecordingKernel::default();
+        let dir = tempfile::tempdir().unwrap();
+        let v = dir.path().join("docker");
+        std::fs::create_dir(&v).unwrap();
+        let md = std::fs::metadata(&v).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        if md.uid() != 0 {
+            return;
+        }
+        prepare_volumes(&k, &default_volume(&v), VolumeShift::Shift).unwrap();
+        assert_eq!(chowns(&k), vec![(v, 100000)]);
     }
 
     #[test]

@@ -159,6 +159,8 @@ pub struct WorkspaceSpec {
     pub memory: Option<u64>,
     pub cgroups_path: String,
     pub nofile: u64,
+    /// `process.oomScoreAdj`; None inherits the runtime's (envbox's) value.
+    pub oom_score_adj: Option<i32>,
 }
 
 pub fn capabilities() -> Result<std::collections::HashSet<Capability>, SpecError> {
@@ -260,7 +262,7 @@ pub fn build(ws: &WorkspaceSpec) -> Result<Spec, SpecError> {
         // Tells systemd it runs in a container (it then skips hardware units).
         env.push("container=envbox".into());
     }
-    let process = ProcessBuilder::default()
+    let mut process = ProcessBuilder::default()
         .terminal(false)
         .user(UserBuilder::default().uid(0u32).gid(0u32).build()?)
         .args(ws.init.args())
@@ -280,6 +282,7 @@ pub fn build(ws: &WorkspaceSpec) -> Result<Spec, SpecError> {
             .soft(ws.nofile)
             .build()?])
         .build()?;
+    process.set_oom_score_adj(ws.oom_score_adj);
 
     let mut mounts = system_mounts(systemd)?;
     for b in &ws.mounts {
@@ -485,6 +488,7 @@ mod tests {
             memory: Some(1 << 30),
             cgroups_path: "/envbox/ws-1".into(),
             nofile: 20000,
+            oom_score_adj: Some(500),
         }
     }
 
@@ -513,6 +517,8 @@ mod tests {
             serde_json::json!(["/.envbox/envbox", "init", "--grace", "24"])
         );
         assert_eq!(v["process"]["rlimits"][0]["hard"], 20000);
+        // The pod's own value: the workspace is where the memory is, so it goes first.
+        assert_eq!(v["process"]["oomScoreAdj"], 500);
         assert_eq!(v["hostname"], "ws");
         assert_eq!(v["root"]["readonly"], false);
         let ro = v["linux"]["readonlyPaths"].as_array().unwrap();

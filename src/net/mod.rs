@@ -225,7 +225,8 @@ pub struct LinkPlan {
     pub workspace_addr: Ipv4Addr,
     /// Prefix length of the link network (from `CODER_DOCKER_BRIDGE_CIDR`).
     pub prefix: u8,
-    /// Pod interface that carries the workspace's traffic out (MASQUERADE `-o`), default `eth0`.
+    /// The pod's main interface (`CODER_ETHLINK`, default `eth0`), whose MTU the link takes. NAT is not
+    /// limited to it: the workspace's traffic is masqueraded out of every interface but its own link.
     pub uplink: String,
     /// Pod-side veth name (at most 15 bytes), default `envbox0`.
     pub host_ifname: String,
@@ -608,7 +609,7 @@ pub fn setup_with(
     sys.enable_ip_forward()?;
     nat::ensure_rules(cmd, &iptables, plan)?;
     log::info!(
-        "workspace network: {host} {}/{} <-> eth0 {}/{} (mtu {mtu}), NAT via {}",
+        "workspace network: {host} {}/{} <-> eth0 {}/{} (mtu {mtu} from {}), NAT out of every other interface",
         plan.pod_addr,
         plan.prefix,
         plan.workspace_addr,
@@ -665,19 +666,48 @@ pub fn teardown_with(
 #[cfg(test)]
 mod tests;
 
+/// An iptables call that takes longer is stuck (the xtables lock held by a wedged process).
+const IPTABLES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// envbox runs iptables through its supervisor, which owns `waitpid` as PID 1.
 impl CommandRunner for crate::pid1::supervisor::Supervisor {
     fn run(&self, argv: &[&str]) -> Result<String, String> {
+        run_bounded(self, argv, IPTABLES_TIMEOUT)
+    }
+}
+
+/// The supervisor's runner with every call bounded by what is left of one deadline (the shutdown's).
+pub struct UntilDeadline<'a> {
+    pub sup: &'a crate::pid1::supervisor::Supervisor,
+    pub deadline: std::time::Instant,
+}
+
+impl CommandRunner for UntilDeadline<'_> {
+    fn run(&self, argv: &[&str]) -> Result<String, String> {
+        let left = self
+            .deadline
+            .saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "`{}` was not run: the shutdown deadline has passed",
+                argv.join(" ")
+            ));
+        }
+        run_bounded(self.sup, argv, left.min(IPTABLES_TIMEOUT))
+    }
+}
+
+fn run_bounded(
+    sup: &crate::pid1::supervisor::Supervisor,
+    argv: &[&str],
+    timeout: std::time::Duration,
+) -> Result<String, String> {
+    {
         let (prog, args) = argv.split_first().ok_or("empty command")?;
         let mut cmd = std::process::Command::new(prog);
         cmd.args(args);
-        let out = self
-            .output(
-                "iptables",
-                &mut cmd,
-                b"",
-                std::time::Duration::from_secs(30),
-            )
+        let out = sup
+            .output("iptables", &mut cmd, b"", timeout)
             .map_err(|e| format!("{}: {e}", argv.join(" ")))?;
         if out.exit.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())

@@ -34,7 +34,9 @@ pub(crate) fn desired_rules(plan: &LinkPlan) -> Vec<Rule> {
             table: "nat",
             chain: "POSTROUTING",
             insert: false,
-            spec: spec(&["-s", &net, "-o", &plan.uplink], &["-j", "MASQUERADE"]),
+            // Out of any interface but the workspace's own link, as Docker's bridge rule: traffic
+            // that the pod routes through a secondary interface (Multus) needs the pod's address too.
+            spec: spec(&["-s", &net, "!", "-o", host], &["-j", "MASQUERADE"]),
         },
         Rule {
             table: "filter",

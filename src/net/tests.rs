@@ -18,7 +18,8 @@ fn strs(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
-const MASQ: &str = "-s 172.19.0.0/30 -o eth0 -m comment --comment envbox -j MASQUERADE";
+/// Every interface but the workspace's own link, as Docker does, so secondary interfaces (Multus) work.
+const MASQ: &str = "-s 172.19.0.0/30 ! -o envbox0 -m comment --comment envbox -j MASQUERADE";
 const FWD_IN: &str = "-i envbox0 -m comment --comment envbox -j ACCEPT";
 const FWD_OUT: &str =
     "-o envbox0 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment envbox -j ACCEPT";
@@ -121,6 +122,12 @@ fn setup_removes_stale_rules_of_other_settings_and_leaves_foreign_rules() {
         "nat",
         "POSTROUTING",
         "-s 10.0.0.0/24 -o eth0 -m comment --comment envbox -j MASQUERADE",
+    );
+    // What envbox before `! -o <link>` added: replaced on upgrade.
+    ipt.add(
+        "nat",
+        "POSTROUTING",
+        "-s 172.19.0.0/30 -o eth0 -m comment --comment envbox -j MASQUERADE",
     );
     ipt.add("nat", "POSTROUTING", "-s 10.9.0.0/16 -o eth0 -j MASQUERADE");
     ipt.add("nat", "POSTROUTING", MASQ);

@@ -12,12 +12,15 @@ use crate::config::{RuntimeChoice, RuntimeKind};
 use crate::pid1::output::{drain, Tail};
 use crate::pid1::supervisor::{Exit, Supervisor, Wake};
 
-/// A runtime call that takes longer is stuck (a hung FUSE mount, a wedged sysbox-mgr).
-const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// A start-up runtime call that takes longer is stuck (a hung FUSE mount, a wedged sysbox-mgr). Calls
+/// made while stopping get the stop's own deadline instead.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// What a runtime call still gets once a stop is requested: enough for any healthy `create` (a
 /// killed `create` leaves a container without state that `delete` cannot clean), short enough that a
 /// hung one cannot hold SIGTERM past the pod's grace period.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a call killed at its deadline is waited for.
+const KILLED_CALL_WAIT: Duration = Duration::from_millis(200);
 
 /// Where a hybrid host mounts its cgroup v2 hierarchy next to the v1 controllers.
 const UNIFIED_MOUNT: &str = "/sys/fs/cgroup/unified";
@@ -77,6 +80,30 @@ pub fn hide_unified_cgroup(cmd: &mut Command) {
     }
 }
 
+/// Makes the forked child write `score` (decimal text) to its own `oom_score_adj` before exec.
+fn set_own_oom_score_adj(cmd: &mut Command, score: Vec<u8>) {
+    // SAFETY: the closure runs in the forked child before exec and only makes raw system calls
+    // (open, write, close) on a static C string and a buffer allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let n = libc::write(fd, score.as_ptr().cast(), score.len());
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if n < 0 {
+                return Err(err);
+            }
+            Ok(())
+        });
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("cannot run `{command}`: {source}")]
@@ -108,6 +135,8 @@ pub struct OciRuntime {
     sup: Arc<Supervisor>,
     /// Run every call with the hybrid layout's cgroup2 mount hidden (crun on hybrid hosts).
     hide_unified: bool,
+    /// The `oom_score_adj` every call starts with, as text for the forked child.
+    oom_score_adj: Option<String>,
 }
 
 impl OciRuntime {
@@ -124,7 +153,16 @@ impl OciRuntime {
             root,
             sup,
             hide_unified,
+            oom_score_adj: None,
         }
+    }
+
+    /// Every runtime process, and so what `exec` starts inside (the bootstrap, the agent,
+    /// `envbox exec`), takes the workspace's place in the OOM order instead of inheriting envbox's
+    /// more protected one. Raising a score needs no privilege.
+    pub fn with_oom_score_adj(mut self, score: i32) -> Self {
+        self.oom_score_adj = Some(score.to_string());
+        self
     }
 
     /// sysbox-runc keeps its state where sysbox-mgr expects it; the others under our state dir.
@@ -142,6 +180,9 @@ impl OciRuntime {
         if self.hide_unified {
             hide_unified_cgroup(&mut c);
         }
+        if let Some(score) = &self.oom_score_adj {
+            set_own_oom_score_adj(&mut c, score.clone().into_bytes());
+        }
         log::debug!("running {}", self.describe(args));
         c
     }
@@ -150,8 +191,9 @@ impl OciRuntime {
         format!("{} {}", self.choice.binary.display(), args.join(" "))
     }
 
-    fn call(&self, args: &[&str], stdin: Stdio) -> Result<String, RuntimeError> {
-        self.call_keeping_output(args, stdin).map(|(out, _)| out)
+    fn call(&self, args: &[&str], stdin: Stdio, deadline: Instant) -> Result<String, RuntimeError> {
+        self.call_keeping_output(args, stdin, deadline)
+            .map(|(out, _)| out)
     }
 
     /// Runs one call to completion: output drained, bounded in time, stderr quoted on failure. The
@@ -161,8 +203,10 @@ impl OciRuntime {
         &self,
         args: &[&str],
         stdin: Stdio,
+        deadline: Instant,
     ) -> Result<(String, Tail), RuntimeError> {
         let command = self.describe(args);
+        let started = Instant::now();
         let mut cmd = self.command(args);
         cmd.stdin(stdin)
             .stdout(Stdio::piped())
@@ -195,19 +239,22 @@ impl OciRuntime {
                 log::debug!("runtime {verb}: {l}")
             })
         });
-        let exit = match self.wait_call(pid) {
+        let exit = match self.wait_call(pid, deadline) {
             Ok(e) => e,
             Err(stopped) => {
                 let _ = self.sup.signal(pid, libc::SIGKILL);
+                // A SIGKILLed process is gone at once unless it sleeps uninterruptibly in the kernel
+                // (a wedged FUSE file system); the supervisor reaps it whenever it goes, so the wait
+                // is short and never stretches a deadline that has passed.
                 let _ = self
                     .sup
-                    .wait_exit(pid, Some(Instant::now() + Duration::from_secs(2)));
+                    .wait_exit(pid, Some(Instant::now() + KILLED_CALL_WAIT));
                 return Err(if stopped {
                     RuntimeError::Interrupted { command }
                 } else {
                     RuntimeError::Timeout {
                         command,
-                        secs: CALL_TIMEOUT.as_secs(),
+                        secs: started.elapsed().as_secs(),
                     }
                 });
             }
@@ -228,12 +275,11 @@ impl OciRuntime {
         Ok((s, both))
     }
 
-    /// Returns the tail of the container init's output, which keeps filling while it runs.
-    /// Waits for a runtime call, at most `CALL_TIMEOUT`; a stop request that arrives meanwhile
-    /// leaves it `STOP_GRACE` to finish, so a hung call cannot hold SIGTERM past the pod's grace period.
-    /// `Err(true)`: cut short by a stop request; `Err(false)`: hung past `CALL_TIMEOUT`.
-    fn wait_call(&self, pid: i32) -> Result<Exit, bool> {
-        let mut deadline = Instant::now() + CALL_TIMEOUT;
+    /// Waits for a runtime call until `deadline`; a stop request that arrives meanwhile leaves it
+    /// `STOP_GRACE` to finish, so a hung call cannot hold SIGTERM past the pod's grace period.
+    /// `Err(true)`: cut short by a stop request; `Err(false)`: hung past its deadline.
+    fn wait_call(&self, pid: i32, deadline: Instant) -> Result<Exit, bool> {
+        let mut deadline = deadline;
         let mut seen = self.sup.stop_requests();
         let mut stopped = false;
         loop {
@@ -249,38 +295,52 @@ impl OciRuntime {
         }
     }
 
-    pub fn create(&self, id: &str, bundle: &Path, pid_file: &Path) -> Result<Tail, RuntimeError> {
+    /// Returns the tail of the container init's output, which keeps filling while it runs.
+    pub fn create(
+        &self,
+        id: &str,
+        bundle: &Path,
+        pid_file: &Path,
+        deadline: Instant,
+    ) -> Result<Tail, RuntimeError> {
         let (b, p) = (bundle.display().to_string(), pid_file.display().to_string());
         self.call_keeping_output(
             &["create", "--bundle", &b, "--pid-file", &p, id],
             Stdio::null(),
+            deadline,
         )
         .map(|(_, tail)| tail)
     }
 
-    pub fn state(&self, id: &str) -> Result<oci_spec::runtime::State, RuntimeError> {
-        let out = self.call(&["state", id], Stdio::null())?;
+    pub fn state(
+        &self,
+        id: &str,
+        deadline: Instant,
+    ) -> Result<oci_spec::runtime::State, RuntimeError> {
+        let out = self.call(&["state", id], Stdio::null(), deadline)?;
         serde_json::from_str(&out).map_err(|source| RuntimeError::State {
             command: self.describe(&["state", id]),
             source,
         })
     }
 
-    pub fn start(&self, id: &str) -> Result<(), RuntimeError> {
-        self.call(&["start", id], Stdio::null()).map(|_| ())
+    pub fn start(&self, id: &str, deadline: Instant) -> Result<(), RuntimeError> {
+        self.call(&["start", id], Stdio::null(), deadline)
+            .map(|_| ())
     }
 
     /// Signals by number: sysbox-runc rejects names of real-time signals such as SIGRTMIN+3.
-    pub fn kill(&self, id: &str, signal: i32) -> Result<(), RuntimeError> {
+    pub fn kill(&self, id: &str, signal: i32, deadline: Instant) -> Result<(), RuntimeError> {
         let s = signal.to_string();
-        self.call(&["kill", id, &s], Stdio::null()).map(|_| ())
+        self.call(&["kill", id, &s], Stdio::null(), deadline)
+            .map(|_| ())
     }
 
-    pub fn delete(&self, id: &str, force: bool) -> Result<(), RuntimeError> {
+    pub fn delete(&self, id: &str, force: bool, deadline: Instant) -> Result<(), RuntimeError> {
         if force {
-            self.call(&["delete", "--force", id], Stdio::null())
+            self.call(&["delete", "--force", id], Stdio::null(), deadline)
         } else {
-            self.call(&["delete", id], Stdio::null())
+            self.call(&["delete", id], Stdio::null(), deadline)
         }
         .map(|_| ())
     }

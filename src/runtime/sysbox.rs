@@ -63,6 +63,8 @@ pub enum SysboxError {
 pub struct SysboxOptions {
     pub bin_dir: Option<PathBuf>,
     pub disable_idmapped_mount: bool,
+    /// The daemons' `oom_score_adj` (see `pod::OomOrder`); None keeps what they inherit from envbox.
+    pub oom_score_adj: Option<i32>,
 }
 
 #[derive(Debug, Clone)]
@@ -155,6 +157,19 @@ fn ensure_subid_line(p: &Path) -> Result<(), SysboxError> {
 /// Words an administrator can act on, from the daemon's last output and the node's facts. sysbox's
 /// own message blames the seccomp API level whatever the cause (sysbox#891).
 pub fn diagnose(tail: &str, kernel_release: &str) -> String {
+    let hints = known_causes(tail, kernel_release);
+    if hints.is_empty() {
+        format!(
+            "Kernel {kernel_release}. See its output below and sysbox's distro compatibility list."
+        )
+    } else {
+        hints.join(" ")
+    }
+}
+
+/// The causes of a sysbox failure that its output or the kernel release point at, each with what to
+/// do; empty when none is recognised.
+pub fn known_causes(tail: &str, kernel_release: &str) -> Vec<String> {
     let t = tail.to_ascii_lowercase();
     let mut hints = Vec::new();
     if let Some((maj, min)) = kernel_version(kernel_release) {
@@ -169,7 +184,15 @@ pub fn diagnose(tail: &str, kernel_release: &str) -> String {
             "{DATA_ROOT} must not be on overlayfs: mount an emptyDir or hostPath there."
         ));
     }
-    if t.contains("operation not permitted") || t.contains("permission denied") {
+    let fusermount = t.contains("fusermount3") && t.contains("permission denied");
+    if fusermount {
+        hints.push(
+            "sysbox-fs cannot make its FUSE mounts: the node's AppArmor profile for fusermount3 (Ubuntu 25.04 \
+             and later) denies them (sysbox#947, #1005). On the node, run `aa-complain fusermount3`, or allow \
+             mounts under /var/lib/sysboxfs in /etc/apparmor.d/local/fusermount3 and reload AppArmor."
+                .into(),
+        );
+    } else if t.contains("operation not permitted") || t.contains("permission denied") {
         hints.push(
             "sysbox lacks privileges: the pod must run with `privileged: true` as root.".into(),
         );
@@ -180,13 +203,59 @@ pub fn diagnose(tail: &str, kernel_release: &str) -> String {
     if t.contains("seccomp") {
         hints.push("The kernel's seccomp notification support is missing or too old (sysbox needs seccomp API level 5, kernel 5.5+).".into());
     }
-    if hints.is_empty() {
-        format!(
-            "Kernel {kernel_release}. See its output below and sysbox's distro compatibility list."
-        )
-    } else {
-        hints.join(" ")
+    hints
+}
+
+/// What sysbox-mgr said at start about the kernel's ID-mapped mount and shiftfs support (its
+/// `--log-format json` lines, or plain ones), for the build log: which of them sysbox will use
+/// decides whether the workspace's volumes are shifted.
+pub fn mgr_capabilities(mgr_output: &str) -> Vec<String> {
+    mgr_output
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("msg").and_then(|m| m.as_str()).map(str::to_string))
+                .unwrap_or_else(|| l.to_string())
+        })
+        .filter(|m| {
+            let m = m.to_ascii_lowercase();
+            (m.contains("id-mapped mount") || m.contains("shiftfs")) && !m.contains("error")
+        })
+        .collect()
+}
+
+/// Whether sysbox will ID-map a root-owned bind source: sysbox-mgr found the kernel able to, and
+/// CODER_DISABLE_IDMAPPED_MOUNT does not turn it off.
+pub fn idmaps_binds(mgr_output: &str, disabled: bool) -> bool {
+    !disabled
+        && mgr_capabilities(mgr_output)
+            .iter()
+            .any(|l| l.eq_ignore_ascii_case("ID-mapped mounts supported by kernel: yes"))
+}
+
+/// `sysbox-runc --version`'s first line, or why there is none.
+pub fn version(sup: &Supervisor, sysbox_runc: &Path) -> String {
+    let mut cmd = Command::new(sysbox_runc);
+    cmd.arg("--version");
+    match sup.output("sysbox-runc", &mut cmd, b"", Duration::from_secs(5)) {
+        Ok(o) if o.exit.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string(),
+        Ok(o) => format!("unknown (`--version` failed: {})", o.exit),
+        Err(e) => format!("unknown ({e})"),
     }
+}
+
+/// The node's kernel release.
+pub fn kernel_release() -> String {
+    rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn kernel_version(release: &str) -> Option<(u32, u32)> {
@@ -274,7 +343,7 @@ pub fn start_daemon(
                 ));
             }
         }
-        apply_unit_limits(pid, spec.name);
+        apply_unit_limits(pid, spec.name, opts.oom_score_adj);
         let deadline = Instant::now() + spec.ready_within;
         loop {
             if UnixStream::connect(&spec.socket).is_ok() {
@@ -331,9 +400,10 @@ pub fn start_daemon(
     unreachable!("the loop returns on its last attempt")
 }
 
-/// LimitNOFILE=infinity, LimitNPROC=infinity and OOMScoreAdjust=-500 from the systemd units; each is
-/// best effort (a pod without CAP_SYS_RESOURCE in its bounding set keeps its own hard limits).
-fn apply_unit_limits(pid: i32, name: &str) {
+/// LimitNOFILE=infinity and LimitNPROC=infinity from the systemd units, and the daemons' place in the
+/// OOM order (their unit's OOMScoreAdjust=-500 unless the pod is already lower); each is best effort
+/// (a pod without CAP_SYS_RESOURCE in its bounding set keeps its own hard limits).
+fn apply_unit_limits(pid: i32, name: &str, oom_score_adj: Option<i32>) {
     use rustix::process::{prlimit, Pid, Resource, Rlimit};
     let Some(p) = Pid::from_raw(pid) else { return };
     for res in [Resource::Nofile, Resource::Nproc] {
@@ -353,11 +423,9 @@ fn apply_unit_limits(pid: i32, name: &str) {
             );
         }
     }
-    if let Err(e) = std::fs::write(
-        format!("/proc/{pid}/oom_score_adj"),
-        DAEMON_OOM_SCORE.to_string(),
-    ) {
-        log::warn!("cannot set {name}'s oom_score_adj: {e}");
+    let Some(score) = oom_score_adj else { return };
+    if let Err(e) = std::fs::write(format!("/proc/{pid}/oom_score_adj"), score.to_string()) {
+        log::warn!("cannot set {name}'s oom_score_adj to {score}: {e}");
     }
 }
 
@@ -372,7 +440,9 @@ fn stop_daemon(sup: &Supervisor, d: &Daemon, deadline: Instant) {
     if sup.wait_exit(d.pid, Some(deadline)).is_none() {
         log::warn!("{} did not stop in time; killing it", d.name);
         kill_group(d.pid);
-        let _ = sup.wait_exit(d.pid, Some(Instant::now() + Duration::from_secs(2)));
+        // Only a moment: one stuck in the kernel (a FUSE request) may not hold the stop past its
+        // deadline; the supervisor reaps it whenever it goes.
+        let _ = sup.wait_exit(d.pid, Some(Instant::now() + Duration::from_millis(200)));
     }
 }
 
@@ -385,14 +455,16 @@ impl SysboxDaemons {
         [&self.mgr, &self.fs].into_iter().find(|d| d.pid == pid)
     }
 
-    /// sysbox-fs first, then sysbox-mgr, only after every container is deleted.
+    /// sysbox-fs first, then sysbox-mgr, only after every container is deleted; both within the
+    /// one deadline (sysbox-fs gets half of what is left, so a wedged one leaves sysbox-mgr its turn).
     pub fn stop(&self, sup: &Supervisor, deadline: Instant) {
-        stop_daemon(sup, &self.fs, deadline);
+        let now = Instant::now();
         stop_daemon(
             sup,
-            &self.mgr,
-            deadline.max(Instant::now() + Duration::from_secs(1)),
+            &self.fs,
+            now + deadline.saturating_duration_since(now) / 2,
         );
+        stop_daemon(sup, &self.mgr, deadline);
     }
 }
 
@@ -405,6 +477,7 @@ mod tests {
         let [mgr, fs] = daemon_specs(&SysboxOptions {
             bin_dir: None,
             disable_idmapped_mount: true,
+            oom_score_adj: None,
         });
         assert!(mgr.args.contains(&"--disable-idmapped-mount".to_string()));
         assert!(mgr
@@ -414,8 +487,40 @@ mod tests {
         let [mgr, _] = daemon_specs(&SysboxOptions {
             bin_dir: None,
             disable_idmapped_mount: false,
+            oom_score_adj: None,
         });
         assert!(!mgr.args.contains(&"--disable-idmapped-mount".to_string()));
+    }
+
+    #[test]
+    fn mgr_capability_lines_are_picked_from_json_and_plain_output() {
+        let out = r#"{"level":"info","msg":"Sysbox data root: /var/lib/sysbox","time":"t"}
+{"level":"info","msg":"Shiftfs works properly: no","time":"t"}
+{"level":"info","msg":"ID-mapped mounts supported by kernel: yes","time":"t"}
+Overlayfs on ID-mapped mounts supported by kernel: yes
+{"level":"info","msg":"Ready ...","time":"t"}"#;
+        assert_eq!(
+            mgr_capabilities(out),
+            vec![
+                "Shiftfs works properly: no",
+                "ID-mapped mounts supported by kernel: yes",
+                "Overlayfs on ID-mapped mounts supported by kernel: yes"
+            ]
+        );
+    }
+
+    #[test]
+    fn binds_are_id_mapped_only_when_sysbox_mgr_says_so_and_it_is_not_disabled() {
+        let yes = r#"{"level":"info","msg":"ID-mapped mounts supported by kernel: yes"}"#;
+        let no = r#"{"level":"info","msg":"ID-mapped mounts supported by kernel: no"}"#;
+        assert!(idmaps_binds(yes, false));
+        assert!(!idmaps_binds(yes, true));
+        assert!(!idmaps_binds(no, false));
+        assert!(!idmaps_binds(
+            r#"{"msg":"Use of ID-mapped mounts disabled."}"#,
+            false
+        ));
+        assert!(!idmaps_binds("", false));
     }
 
     #[test]
@@ -448,5 +553,16 @@ mod tests {
             .contains("CODER_DISABLE_IDMAPPED_MOUNT"));
         assert!(diagnose("random", "6.8.0").starts_with("Kernel 6.8.0"));
         assert_eq!(kernel_version("6.18.44-fc"), Some((6, 18)));
+        // sysbox#947, #1005: the node's AppArmor profile for fusermount3 (Ubuntu 25.04+) blocks
+        // sysbox-fs's FUSE mounts; that is not a missing privilege.
+        let d = diagnose(
+            "mount helper error: fusermount3: mount failed: Permission denied\nfusermount: exit status 1",
+            "6.17.0-5-generic",
+        );
+        assert!(
+            d.contains("fusermount3") && d.contains("aa-complain"),
+            "{d}"
+        );
+        assert!(!d.contains("privileged"), "{d}");
     }
 }

@@ -89,6 +89,24 @@ pub struct RecordingKernel {
     /// At each overlay mount: the calling thread's working directory and the process's (its
     /// main thread's), which relative lower directories resolve against.
     pub overlay_cwds: Mutex<Vec<(PathBuf, PathBuf)>>,
+    /// envbox's own oom_score_adj, as the kernel keeps it.
+    pub oom: Mutex<FakeOom>,
+}
+
+/// The kernel's rule: a value below `min` needs CAP_SYS_RESOURCE, which the fake never has. The
+/// default is a process that may go anywhere (min -1000), as root with CAP_SYS_RESOURCE.
+pub struct FakeOom {
+    pub current: i32,
+    pub min: i32,
+}
+
+impl Default for FakeOom {
+    fn default() -> Self {
+        FakeOom {
+            current: 0,
+            min: -1000,
+        }
+    }
 }
 
 impl RecordingKernel {
@@ -204,6 +222,16 @@ impl Kernel for RecordingKernel {
     }
     fn set_oom_score_adj(&self, pid: Option<i32>, score: i32) -> io::Result<()> {
         self.record(Call::OomScore { pid, score });
+        if pid.is_none() {
+            let mut o = self.oom.lock().unwrap();
+            if score < o.min {
+                return Err(io::Error::from_raw_os_error(libc::EACCES));
+            }
+            o.current = score;
+        }
         Ok(())
+    }
+    fn oom_score_adj(&self) -> io::Result<i32> {
+        Ok(self.oom.lock().unwrap().current)
     }
 }

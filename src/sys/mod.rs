@@ -56,6 +56,8 @@ pub trait Kernel: Send + Sync {
     fn unshare_cgroup_namespace(&self) -> io::Result<()>;
     fn mount_cgroup2(&self, target: &Path) -> io::Result<()>;
     fn set_oom_score_adj(&self, pid: Option<i32>, score: i32) -> io::Result<()>;
+    /// envbox's own `oom_score_adj`.
+    fn oom_score_adj(&self) -> io::Result<i32>;
 }
 
 /// File systems whose presence changes what envbox may do with a directory.
@@ -88,6 +90,36 @@ pub fn fs_kind(path: &Path) -> Option<FsKind> {
         0x6367_7270 => FsKind::Cgroup2,
         _ => FsKind::Other,
     })
+}
+
+/// [`sync_filesystems`] until `deadline` at most. `syncfs` cannot be interrupted, so it runs on a
+/// thread of its own; past the deadline envbox goes on without it (the kernel still writes the data
+/// back, and the kubelet would SIGKILL the pod at the end of its grace period anyway). Returns whether
+/// every sync finished in time.
+pub fn sync_filesystems_until(
+    paths: Vec<std::path::PathBuf>,
+    deadline: std::time::Instant,
+) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("syncfs".into())
+        .spawn(move || {
+            let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+            sync_filesystems(&refs);
+            let _ = tx.send(());
+        });
+    if let Err(e) = spawned {
+        log::warn!("cannot start the volume sync: {e}");
+        return false;
+    }
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    match rx.recv_timeout(left) {
+        Ok(()) => true,
+        Err(_) => {
+            log::warn!("syncing the volumes did not finish before the shutdown deadline; the kernel completes it in the background");
+            false
+        }
+    }
 }
 
 /// `syncfs` on the file system of each path (once per file system): the volumes the workspace wrote

@@ -211,4 +211,15 @@ impl Kernel for RealKernel {
         };
         self.write_file(Path::new(&p), score.to_string().as_bytes())
     }
+
+    fn oom_score_adj(&self) -> io::Result<i32> {
+        let p = Path::new("/proc/self/oom_score_adj");
+        std::fs::read_to_string(p)
+            .map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", p.display())))?
+            .trim()
+            .parse()
+            .map_err(|e| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", p.display()))
+            })
+    }
 }

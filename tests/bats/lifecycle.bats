@@ -160,6 +160,108 @@ AGENT_LIKE='echo up > "$HOME/up"; exec sleep 1000'
   assert_no_leftovers
 }
 
+# Lowering an oom_score_adj below the pod's needs CAP_SYS_RESOURCE (which root lacks on some nodes).
+host_can_lower_oom_score() {
+  local eff
+  eff=$(awk '/^CapEff:/ {print $2}' /proc/self/status)
+  (((0x$eff >> 24) & 1))
+}
+
+@test "OOM order: the workspace's init gets the pod's oom_score_adj (500), envbox never more; one notice without CAP_SYS_RESOURCE" {
+  POD_OOM_SCORE_ADJ=500 start_pod lc "CODER_BOOTSTRAP_SCRIPT=$AGENT_LIKE"
+  pod_wait_ready 90
+  local ws host envbox notices
+  ws=$(pod_workspace_pid)
+  host=$(pod_host_pid "$ws") || fail "no host pid for workspace pid $ws"
+  assert_equal "$(<"/proc/$host/oom_score_adj")" 500 "the workspace init's oom_score_adj"
+  envbox=$(<"/proc/$POD_PID/oom_score_adj")
+  notices=$(infos | grep -c 'oom_score_adj' || true)
+  if host_can_lower_oom_score; then
+    ((envbox < 500)) || fail "envbox's oom_score_adj is $envbox, not below the workspace's 500"
+    assert_equal "$notices" 0 "oom_score_adj notices with CAP_SYS_RESOURCE"
+  else
+    assert_equal "$envbox" 500 "envbox's oom_score_adj without CAP_SYS_RESOURCE (the pod's)"
+    assert_equal "$notices" 1 "oom_score_adj notices without CAP_SYS_RESOURCE"
+    infos | grep 'oom_score_adj' | grep -q CAP_SYS_RESOURCE || fail "the notice does not name CAP_SYS_RESOURCE: $(infos | grep oom_score_adj)"
+  fi
+  stop_within 25
+}
+
+@test "one pod per state dir: a second pod on the same CODER_STATE_DIR fails at once with a clear message; the first keeps running" {
+  start_pod lc "CODER_BOOTSTRAP_SCRIPT=$AGENT_LIKE"
+  pod_wait_ready 90
+  ebx_wait_for 30 test -s "$POD_DIR/volumes/home/up" || { pod_print_log; fail "bootstrap did not start"; }
+  local state=$POD_DIR/state out=$POD_DIR/second-pod procs p
+  mapfile -t procs < <(pod_workspace_processes)
+  mkdir "$out"
+  # The second pod is a pod of its own (network, cgroups, volumes), made in a subshell so that this
+  # shell's pod variables stay the first's; it records what happened in $out and destroys itself.
+  (
+    unset POD_NAME POD_NS POD_DIR POD_SLOT_DIR POD_VOLUMES POD_PID POD_RUNNER_PID
+    pod_create lc2
+    pod_start lc2 "CODER_STATE_DIR=$state"
+    ebx_wait_for 30 test -f "$POD_DIR/exit-status" && cp "$POD_DIR/exit-status" "$out/"
+    cp "$POD_DIR/envbox.log" "$out/"
+    pod_destroy
+  )
+  [[ -f $out/exit-status ]] || fail "the second pod did not exit within 30 s; its log:"$'\n'"$(cat "$out/envbox.log")"
+  assert_equal "$(<"$out/exit-status")" 1 "the second pod's exit status"
+  assert_contains "$(<"$out/envbox.log")" "is in use by another envbox" "the second pod's log"
+  pod_running || { pod_print_log; fail "the first pod exited"; }
+  for p in "${procs[@]}"; do
+    pod_proc_alive "$p" || fail "workspace process $p of the first pod is gone"
+  done
+  run pod_ws test -x /bin/sh
+  assert_status 0
+  stop_within 25
+  assert_one_done_no_error
+  assert_no_leftovers
+}
+
+@test "the agent token: 0600 files while running, none in the state dir after stop, and a SIGKILLed run's are removed at the next start" {
+  local token=tok-STATE-4711 token2=tok-STATE-0815 files f
+  start_pod lc "CODER_AGENT_TOKEN=$token" "CODER_BOOTSTRAP_SCRIPT=$AGENT_LIKE"
+  pod_wait_ready 90
+  ebx_wait_for 30 test -s "$POD_DIR/volumes/home/up" || { pod_print_log; fail "bootstrap did not start"; }
+  mapfile -t files < <(grep -rlF "$token" "$POD_DIR/state" || true)
+  ((${#files[@]} > 0)) || fail "no file of the state dir has the token while running: nothing to check"
+  for f in "${files[@]}"; do
+    assert_equal "$(stat -c %a "$f")" 600 "mode of $f"
+  done
+  stop_within 25
+  assert_equal "$(grep -rlF "$token" "$POD_DIR/state" || true)" "" "files with the token in the state dir after stop"
+
+  # A run that never gets to stop (SIGKILL, a lost node) leaves its files; the next start removes them,
+  # also the one it does not write again (no bootstrap that time).
+  pod_start lc "CODER_AGENT_TOKEN=$token" "CODER_BOOTSTRAP_SCRIPT=$AGENT_LIKE"
+  pod_wait_ready 90
+  ebx_wait_for 30 test -f "$POD_DIR/state/bootstrap.pid" || { pod_print_log; fail "bootstrap did not start"; }
+  kill -KILL "$POD_PID"
+  wait_for_exit 30
+  [[ -n $(grep -rlF "$token" "$POD_DIR/state" || true) ]] || fail "a SIGKILLed run left no token file: nothing to check"
+  pod_start lc "CODER_AGENT_TOKEN=$token2"
+  pod_wait_ready 90
+  assert_equal "$(grep -rlF "$token" "$POD_DIR/state" || true)" "" "files with the first run's token after the next start"
+  stop_within 25
+}
+
+@test "a runtime that hangs on kill and delete: envbox still stops within CODER_SHUTDOWN_TIMEOUT, exits 0, no workspace process left" {
+  local rt procs p alive=()
+  rt=$(lc_hanging_runtime)
+  start_pod lc "CODER_RUNTIME=$rt" CODER_SHUTDOWN_TIMEOUT=10 "CODER_BOOTSTRAP_SCRIPT=$AGENT_LIKE"
+  pod_wait_ready 90
+  ebx_wait_for 30 test -s "$POD_DIR/volumes/home/up" || { pod_print_log; fail "bootstrap did not start"; }
+  mapfile -t procs < <(pod_workspace_processes)
+  ((${#procs[@]} >= 2)) || fail "expected the workspace init and the bootstrap, found: ${procs[*]}"
+  stop_within 10
+  [[ -f $POD_DIR/hanging-runtime/delete-called ]] || fail "the stand-in's delete was never called"
+  for p in "${procs[@]}"; do
+    pod_proc_alive "$p" && alive+=("$p")
+  done
+  ((${#alive[@]} == 0)) || fail "workspace processes still alive (pid:starttime): ${alive[*]}"
+  assert_one_done_no_error
+}
+
 @test "the workspace's cgroups nest under the pod's in every hierarchy, belong to its root, and go with the stop" {
   start_pod lc "CODER_BOOTSTRAP_SCRIPT=$AGENT_LIKE"
   pod_wait_ready 90

@@ -118,6 +118,33 @@ wait_for_inner_docker() {
   assert_contains "$output" "default via 172.19.0.1 dev eth0"
 }
 
+@test "NAT through a second pod interface: traffic routed out of eth1 (Multus) is masqueraded too" {
+  start_upstream
+  # A second interface, as Multus adds one: a veth into the upstream namespace on its own /30 (192.0.2.0/24
+  # is cut like the pod slots), with the upstream server's address routed through it instead of eth0.
+  local k up2 pod2
+  k=${POD_SLOT_DIR##*/}
+  up2=192.0.2.$((4 * k + 1)) pod2=192.0.2.$((4 * k + 2))
+  ip link add eth1 netns "$POD_NS" type veth peer name "ebxw$k" netns "$EBX_UPSTREAM_NS"
+  ip -n "$EBX_UPSTREAM_NS" addr add "$up2/30" dev "ebxw$k"
+  ip -n "$EBX_UPSTREAM_NS" link set "ebxw$k" up
+  ip -n "$POD_NS" addr add "$pod2/30" dev eth1
+  ip -n "$POD_NS" link set eth1 up
+  ip -n "$POD_NS" route add "$EBX_REGISTRY_ADDR/32" via "$up2" dev eth1
+  # The pod's registry traffic goes through eth1 now as well; the image pull proves that route works.
+  pod_start net
+  pod_wait_ready 90
+
+  # busybox's own timeout: its wget -T crashes (SIGSEGV) in Debian's busybox-static.
+  run pod_ws timeout 20 wget -qO- "$(net_http_url index.html)"
+  assert_status 0
+  assert_equal "$output" hello-from-upstream "page fetched from the workspace through eth1"
+  # Upstream saw eth1's address: the workspace's own 172.19.0.2 has no route back.
+  assert_equal "$(net_http_clients_of index.html)" "$pod2" "client address in the upstream access log"
+  pod_stop TERM 60 || { pod_print_log; fail "envbox did not exit after SIGTERM"; }
+  assert_equal "$(net_pod_envbox_rules)" "" "envbox rules left after stop"
+}
+
 @test "Docker inside: dockerd starts, loads busybox, runs it, reaches upstream, builds, uses the pod's MTU" {
   start_upstream
   start_docker_pod
@@ -205,7 +232,7 @@ wait_for_inner_docker() {
   assert_status 0
   assert_contains "$output" "inet 10.213.0.1/30"
   run net_pod_envbox_rules
-  assert_contains "$output" "-A POSTROUTING -s 10.213.0.0/30 -o eth0 -m comment --comment envbox -j MASQUERADE"
+  assert_contains "$output" "-A POSTROUTING -s 10.213.0.0/30 ! -o envbox0 -m comment --comment envbox -j MASQUERADE"
   refute_contains "$output" "172.19.0."
 
   run pod_ws wget -qO- "$(net_http_url index.html)"

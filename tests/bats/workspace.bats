@@ -355,6 +355,33 @@ exec sleep 1000'
   assert_stopped_cleanly
 }
 
+@test "a root-owned docker volume with content (as the Go envbox left it) works inside: root's files, writable, shifted once" {
+  # What the Go envbox's ID-mapped bind left on the PVC: the inner dockerd's files owned by host root.
+  local vol=$POD_DIR/volumes/var-lib-coder/docker
+  mkdir -p "$vol/image/overlay2"
+  echo '{"Repositories":{}}' >"$vol/image/overlay2/repositories.json"
+  chmod 700 "$vol/image"
+  pod_start ws
+  pod_wait_ready 120
+  run pod_ws stat -c %u:%g /var/lib/docker/image/overlay2/repositories.json
+  assert_status 0
+  assert_equal "$output" 0:0 "owner inside of a file the Go envbox's dockerd wrote"
+  run pod_ws sh -c 'cat /var/lib/docker/image/overlay2/repositories.json && echo new >/var/lib/docker/image/overlay2/new'
+  assert_status 0
+  assert_contains "$output" Repositories "the file read inside"
+  assert_contains "$(pod_log_lines info | jq -r .output)" "shifted" "build log"
+  pod_stop TERM 60 || { pod_print_log; fail "envbox did not exit after SIGTERM"; }
+
+  # Done once: the next start shifts nothing and the files stay the workspace root's.
+  mv "$POD_DIR/envbox.log" "$POD_DIR/envbox.log.1"
+  pod_start ws
+  pod_wait_ready 120
+  refute_contains "$(pod_log_lines info | jq -r .output)" "shifted" "build log of the second start"
+  run pod_ws stat -c %u:%g /var/lib/docker/image/overlay2/new
+  assert_status 0
+  assert_equal "$output" 0:0 "owner inside of the file written by the first start"
+}
+
 @test "a restart on the same state dir re-uses the TUN and FUSE nodes" {
   pod_start ws CODER_ADD_TUN=true CODER_ADD_FUSE=true
   pod_wait_ready 120

@@ -69,6 +69,30 @@ EOF
   printf '%s\n' "$dir/runc"
 }
 
+# A runtime named runc (so envbox treats it as runc) that runs the real runc except for `kill` and
+# `delete`, which hang for an hour, as behind a wedged sysbox-fs or a dead sysbox-mgr. Each hanging call
+# is recorded in $POD_DIR/hanging-runtime/<verb>-called.
+lc_hanging_runtime() {
+  local real dir=$POD_DIR/hanging-runtime
+  real=$(command -v runc) || { echo "runc not found" >&2; return 1; }
+  mkdir -p "$dir"
+  cat >"$dir/runc" <<EOF
+#!/bin/sh
+for a in "\$@"; do
+  case "\$a" in
+    kill | delete)
+      : >'$dir/'"\$a"-called
+      exec sleep 3600
+      ;;
+    create | start | exec | state) break ;;
+  esac
+done
+exec '$real' "\$@"
+EOF
+  chmod 755 "$dir/runc"
+  printf '%s\n' "$dir/runc"
+}
+
 # Kubernetes bind-mounts a file on /dev/termination-log. In the pod's mount namespace /dev is the host's
 # devtmpfs, where creating that file would show on the host (and in every other pod), so the stand-in
 # first gives the pod a /dev of its own: a tmpfs whose entries are bind mounts of the host's, plus

@@ -4,6 +4,7 @@
 #
 #   pod_create NAME            netns ebxpod-NAME-$$ with eth0 (veth into the upstream ns), POD_DIR with volumes
 #   pod_start NAME [VAR=v|-VAR ...]   envbox as the pod's PID 1; VAR=v overrides/adds, -VAR drops a default
+#                              (POD_OOM_SCORE_ADJ=N pod_start ...: the pod's oom_score_adj, as a kubelet sets it)
 #   pod_wait_ready [timeout]   until a {"type":"done"} line (fails on {"type":"error"} or exit)
 #   pod_exec CMD...            CMD in the pod's namespaces
 #   pod_workspace_pid          workspace init pid in the pod's pid ns (from state/workspace.json)
@@ -202,6 +203,8 @@ pod_write_init() {
       echo "mount --bind '${vol%%:*}' '${vol#*:}'"
     done
     echo "hostname '$POD_NAME'"
+    # What the kubelet (through the container runtime) gives a pod of a given QoS class.
+    [[ -n ${POD_OOM_SCORE_ADJ:-} ]] && echo "echo '$POD_OOM_SCORE_ADJ' >/proc/self/oom_score_adj"
     echo 'exec "$@"'
   } >"$init"
 }
