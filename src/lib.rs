@@ -16,4 +16,5 @@ pub mod runtime;
 pub mod secrets;
 pub mod statedir;
 pub mod sys;
+pub mod teardown;
 pub mod workspace;

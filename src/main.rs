@@ -3,7 +3,7 @@
 
 use envbox::{
     buildlog, bundle, cgroup, cli, coderlog, config, exec, image, init, net, pid1, pod, runtime,
-    secrets, statedir, sys, workspace,
+    secrets, statedir, sys, teardown, workspace,
 };
 
 use std::process::ExitCode;
@@ -18,6 +18,7 @@ use cli::{Cli, Command};
 use config::Config;
 use pid1::supervisor::{Supervisor, Wake};
 use sys::real::{RealKernel, RealProcessOps};
+use teardown::{Made, StopPlan, Teardown};
 
 /// Configuration errors: nothing was created, mounted or started.
 const EXIT_CONFIG: u8 = 2;
@@ -194,18 +195,14 @@ fn docker(a: &cli::DockerArgs) -> ExitCode {
             ));
             log.done();
             image::gc::spawn(cfg.image.cache_dir.clone(), cfg.image.cache_max_size);
-            supervise(&cfg, &log, &sup, &kernel, &link, running)
+            supervise(&cfg, &log, &sup, running)
         }
         Err(Abort::Stopped) => {
-            statedir::remove_secrets(&cfg.state_dir);
             log.info("Stopped before the workspace started");
             log.done();
             ExitCode::SUCCESS
         }
-        Err(Abort::Failed(msg)) => {
-            statedir::remove_secrets(&cfg.state_dir);
-            fail(&log, &msg)
-        }
+        Err(Abort::Failed(msg)) => fail(&log, &msg),
     }
 }
 
@@ -222,21 +219,28 @@ struct Link {
     mtu: u32,
 }
 
-struct Running {
-    ws: workspace::Workspace,
+struct Running<'a> {
+    /// Holds the container, the link, the rootfs and the daemons, in the order they unwind.
+    undo: Teardown<'a>,
     bootstrap: Option<workspace::Bootstrap>,
-    rootfs: image::rootfs::Rootfs,
-    daemons: Option<runtime::sysbox::SysboxDaemons>,
 }
 
-fn start_workspace(
+impl Running<'_> {
+    fn ws(&self) -> &workspace::Workspace {
+        self.undo
+            .container()
+            .expect("a running workspace has its container on the undo stack")
+    }
+}
+
+fn start_workspace<'a>(
     cfg: &Config,
     log: &Arc<BuildLog>,
-    sup: &Arc<Supervisor>,
-    kernel: &RealKernel,
-    link: &Link,
+    sup: &'a Arc<Supervisor>,
+    kernel: &'a RealKernel,
+    link: &'a Link,
     oom: &pod::OomOrder,
-) -> Result<Running, Abort> {
+) -> Result<Running<'a>, Abort> {
     let failed = |e: &dyn std::fmt::Display| Abort::Failed(e.to_string());
     // 0711, not 0700: the container's root (host uid 100000 in its user namespace) must be able
     // to traverse to the bundle's rootfs below, but nobody else may list or read what is here.
@@ -308,27 +312,19 @@ fn start_workspace(
     let pulled = sup.run_step("pull", move || {
         image::pull(&icfg, Some(s), &c, &|m| l.info(m))
     });
-    let daemons = std::cell::RefCell::new(match sysbox.map(|step| step.wait(sup)) {
-        None => None,
-        Some(Ok(Ok(d))) => Some(d),
+    let mut undo = Teardown::new(sup, kernel, &link.plan, &cfg.state_dir);
+    match sysbox.map(|step| step.wait(sup)) {
+        None => {}
+        Some(Ok(Ok(d))) => undo.push(Made::Daemons(d)),
         Some(Ok(Err(e))) => return Err(failed(&e)),
         Some(Err(_)) => return Err(Abort::Stopped),
-    });
-    let stop_daemons = |d: &std::cell::RefCell<Option<runtime::sysbox::SysboxDaemons>>| {
-        if let Some(d) = d.borrow().as_ref() {
-            d.stop(sup, Instant::now() + Duration::from_secs(5));
-        }
-    };
+    }
     let pulled = match pulled {
         Ok(Ok(p)) => p,
-        Ok(Err(e)) => {
-            stop_daemons(&daemons);
-            return Err(failed(&e));
-        }
+        Ok(Err(e)) => return Err(undo.abort(failed(&e))),
         Err(_) => {
             cancel.store(true, Ordering::SeqCst);
-            stop_daemons(&daemons);
-            return Err(Abort::Stopped);
+            return Err(undo.abort(Abort::Stopped));
         }
     };
     let p = &pulled.pulled;
@@ -348,63 +344,62 @@ fn start_workspace(
         cfg.state_dir.clone(),
     );
     let l = Arc::clone(log);
-    let rootfs = sup
-        .run_step("unpack", move || {
-            image::rootfs::prepare(
-                &RealKernel,
-                &cache,
-                &state,
-                &layers,
-                Some(std::path::Path::new(EPHEMERAL_DIR)),
-                &|m| l.info(m),
-            )
-        })
-        .map_err(|_| {
-            stop_daemons(&daemons);
-            Abort::Stopped
-        })?
-        .map_err(|e| {
-            stop_daemons(&daemons);
-            failed(&e)
-        })?;
+    let rootfs = match sup.run_step("unpack", move || {
+        image::rootfs::prepare(
+            &RealKernel,
+            &cache,
+            &state,
+            &layers,
+            Some(std::path::Path::new(EPHEMERAL_DIR)),
+            &|m| l.info(m),
+        )
+    }) {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(undo.abort(failed(&e))),
+        Err(_) => return Err(undo.abort(Abort::Stopped)),
+    };
     log.info(format!(
         "Prepared the root filesystem ({} layers unpacked, {} cached) in {:.1} s",
         rootfs.unpacked_layers,
         p.image.layers.len() - rootfs.unpacked_layers.min(p.image.layers.len()),
         t.elapsed().as_secs_f64()
     ));
-    let on_error = |rootfs: &image::rootfs::Rootfs| {
-        image::rootfs::release(kernel, rootfs);
-        stop_daemons(&daemons);
-    };
+    let rootfs_path = rootfs.path.clone();
+    undo.push(Made::Rootfs(rootfs));
 
     let username = cfg.username.clone().unwrap_or_default();
-    let facts = image::facts::read_facts(&rootfs.path, &username).map_err(|e| {
-        on_error(&rootfs);
-        Abort::Failed(format!("{e} (image {})", cfg.image.reference))
-    })?;
+    let facts = match image::facts::read_facts(&rootfs_path, &username) {
+        Ok(f) => f,
+        Err(e) => {
+            return Err(undo.abort(Abort::Failed(format!(
+                "{e} (image {})",
+                cfg.image.reference
+            ))))
+        }
+    };
     log.info(format!(
         "Detected workspace user {:?} (uid {}, gid {}) with home directory {:?}",
         facts.user.name, facts.user.uid, facts.user.gid, facts.user.home
     ));
 
     let id = workspace::fresh_id();
-    let envbox_binary = std::env::current_exe().map_err(|e| {
-        // Like every early return after the rootfs is mounted: release it and stop the daemons.
-        on_error(&rootfs);
-        Abort::Failed(format!(
-            "finding envbox's own binary for the workspace's init: {e}"
-        ))
-    })?;
+    let envbox_binary = match std::env::current_exe() {
+        Ok(b) => b,
+        Err(e) => {
+            return Err(undo.abort(Abort::Failed(format!(
+                "finding envbox's own binary for the workspace's init: {e}"
+            ))))
+        }
+    };
     let settings = bundle::ImageSettings {
         env: p.image.config.env.clone().unwrap_or_default(),
         working_dir: p.image.config.working_dir.clone(),
         stop_signal: p.image.config.stop_signal.clone(),
     };
-    inner_docker_mtu(&rootfs.path, link.mtu, log);
-    bundle::add_machine_id(&facts, &rootfs.path);
+    inner_docker_mtu(&rootfs_path, link.mtu, log);
+    bundle::add_machine_id(&facts, &rootfs_path);
     let bundle_dir = cfg.state_dir.join("bundle");
-    let volume_shift = match daemons.borrow().as_ref() {
+    let volume_shift = match undo.daemons() {
         Some(d)
             if runtime::sysbox::idmaps_binds(&d.mgr.tail.text(), cfg.disable_idmapped_mount) =>
         {
@@ -418,27 +413,28 @@ fn start_workspace(
             config: cfg,
             facts: &facts,
             image: &settings,
-            rootfs: &rootfs.path,
+            rootfs: &rootfs_path,
             dir: &bundle_dir,
             envbox_binary: &envbox_binary,
             container_id: &id,
             oom_score_adj: oom.workspace,
             volume_shift,
         },
-    )
-    .map_err(|e| {
-        on_error(&rootfs);
-        failed(&e)
-    })?;
+    );
+    undo.push(Made::TokenFiles);
+    let bundle = match bundle {
+        Ok(b) => b,
+        Err(e) => return Err(undo.abort(failed(&e))),
+    };
     for n in &bundle.notes {
         log.info(format!("Volume {n}"));
     }
     if sup.stop_requests() > 0 {
-        on_error(&rootfs);
-        return Err(Abort::Stopped);
+        return Err(undo.abort(Abort::Stopped));
     }
 
     log.info("Creating workspace...");
+    undo.push(Made::Link);
     let mut steps = StartCreate {
         cfg,
         sup,
@@ -447,13 +443,13 @@ fn start_workspace(
         oom,
         facts: &facts,
         settings: &settings,
-        rootfs: &rootfs.path,
+        rootfs: &rootfs_path,
         bundle_dir: &bundle_dir,
         envbox_binary: &envbox_binary,
         bundle,
         bundle_id: id.clone(),
         volume_shift,
-        daemons: &daemons,
+        undo: &mut undo,
         sysbox_opts: &sysbox_opts,
     };
     let created = runtime::create::create_with_restart(
@@ -463,26 +459,27 @@ fn start_workspace(
         &|m| log.info(m),
     );
     let bundle = steps.bundle;
-    let (_id, ws) = created.map_err(|e| {
-        // sysbox's own reasons (an AppArmor profile, the kernel) are in its daemons' output.
-        let hint = daemons
-            .borrow()
-            .as_ref()
-            .map(|d| {
-                runtime::sysbox::known_causes(
-                    &format!("{}\n{}", d.fs.tail.text(), d.mgr.tail.text()),
-                    &runtime::sysbox::kernel_release(),
-                )
-                .join(" ")
-            })
-            .filter(|h| !h.is_empty());
-        on_error(&rootfs);
-        match (e, hint) {
-            (runtime::oci::RuntimeError::Interrupted { .. }, _) => Abort::Stopped,
-            (e, Some(hint)) => Abort::Failed(format!("{e}. {hint}")),
-            (e, None) => failed(&e),
+    let ws = match created {
+        Ok((_id, ws)) => ws,
+        Err(e) => {
+            // sysbox's own reasons (an AppArmor profile, the kernel) are in its daemons' output.
+            let hint = undo
+                .daemons()
+                .map(|d| {
+                    runtime::sysbox::known_causes(
+                        &format!("{}\n{}", d.fs.tail.text(), d.mgr.tail.text()),
+                        &runtime::sysbox::kernel_release(),
+                    )
+                    .join(" ")
+                })
+                .filter(|h| !h.is_empty());
+            return Err(undo.abort(match (e, hint) {
+                (runtime::oci::RuntimeError::Interrupted { .. }, _) => Abort::Stopped,
+                (e, Some(hint)) => Abort::Failed(format!("{e}. {hint}")),
+                (e, None) => failed(&e),
+            }));
         }
-    })?;
+    };
     if runtime::limits::needs_copy(cfg.runtime.kind) {
         copy_limits_into_init_cgroup(cfg, &ws, log);
     }
@@ -491,25 +488,18 @@ fn start_workspace(
     if let Err(e) = cgroup::delegate(kernel, &dirs) {
         log::warn!("delegating the workspace's cgroups: {e}");
     }
-    let abandon = |ws: &workspace::Workspace, rootfs: &image::rootfs::Rootfs| {
-        ws.stop(None, Instant::now() + Duration::from_secs(5), || true);
-        if let Err(e) = net::teardown(&link.plan, sup.as_ref()) {
-            log::warn!("removing the workspace's link: {e}");
-        }
-        on_error(rootfs);
-    };
-    if let Err(e) = net::setup(&link.plan, ws.pid, link.mtu, sup.as_ref()) {
-        abandon(&ws, &rootfs);
-        return Err(failed(&e));
+    let ws_pid = ws.pid;
+    undo.push(Made::Container(ws));
+    if let Err(e) = net::setup(&link.plan, ws_pid, link.mtu, sup.as_ref()) {
+        return Err(undo.abort(failed(&e)));
     }
     if sup.stop_requests() > 0 {
-        abandon(&ws, &rootfs);
-        return Err(Abort::Stopped);
+        return Err(undo.abort(Abort::Stopped));
     }
     log.info("Starting up workspace...");
+    let ws = undo.container().expect("the container was just pushed");
     if let Err(e) = ws.start(Instant::now() + runtime::oci::CALL_TIMEOUT) {
-        abandon(&ws, &rootfs);
-        return Err(failed(&e));
+        return Err(undo.abort(failed(&e)));
     }
     log.info("Envbox startup complete!");
 
@@ -518,25 +508,17 @@ fn start_workspace(
             log.info("Bootstrapping workspace...");
             match ws.spawn_bootstrap(&facts.user, &bundle.env, script.expose(), Arc::clone(log)) {
                 Ok(b) => Some(b),
-                Err(e) => {
-                    abandon(&ws, &rootfs);
-                    return Err(failed(&e));
-                }
+                Err(e) => return Err(undo.abort(failed(&e))),
             }
         }
         None => None,
     };
-    Ok(Running {
-        ws,
-        bootstrap,
-        rootfs,
-        daemons: daemons.into_inner(),
-    })
+    Ok(Running { undo, bootstrap })
 }
 
 /// Start-up's side of [`runtime::create::create_with_restart`]: the bundle (rewritten for a fresh
 /// id), the runtime's `create`, and sysbox's daemons for the one restart.
-struct StartCreate<'a> {
+struct StartCreate<'a, 'b> {
     cfg: &'a Config,
     sup: &'a Arc<Supervisor>,
     log: &'a Arc<BuildLog>,
@@ -551,11 +533,12 @@ struct StartCreate<'a> {
     /// The id `bundle` was written for (its cgroups path carries it).
     bundle_id: String,
     volume_shift: bundle::mounts::VolumeShift,
-    daemons: &'a std::cell::RefCell<Option<runtime::sysbox::SysboxDaemons>>,
+    /// Where sysbox's daemons are, for the one restart.
+    undo: &'a mut Teardown<'b>,
     sysbox_opts: &'a runtime::sysbox::SysboxOptions,
 }
 
-impl runtime::create::CreateSteps for StartCreate<'_> {
+impl runtime::create::CreateSteps for StartCreate<'_, '_> {
     type Created = workspace::Workspace;
 
     fn create(
@@ -602,21 +585,15 @@ impl runtime::create::CreateSteps for StartCreate<'_> {
     }
 
     fn has_daemons(&self) -> bool {
-        self.daemons.borrow().is_some()
+        self.undo.daemons().is_some()
     }
 
     fn restart_daemons(&mut self) -> Result<(), String> {
-        let mut d = self.daemons.borrow_mut();
-        if let Some(old) = d.take() {
-            old.stop(self.sup, Instant::now() + Duration::from_secs(5));
-        }
-        let (sup, log) = (self.sup, self.log);
-        let new = runtime::sysbox::start(sup, self.sysbox_opts, &|m| log.info(m), &|| {
-            sup.stop_requests() > 0
+        let (sup, log, opts) = (self.sup, self.log, self.sysbox_opts);
+        self.undo.replace_daemons(|| {
+            runtime::sysbox::start(sup, opts, &|m| log.info(m), &|| sup.stop_requests() > 0)
+                .map_err(|e| e.to_string())
         })
-        .map_err(|e| e.to_string())?;
-        *d = Some(new);
-        Ok(())
     }
 
     fn fresh_id(&mut self) -> String {
@@ -631,19 +608,12 @@ impl runtime::create::CreateSteps for StartCreate<'_> {
 }
 
 /// After start-up: wait for a stop request or an unexpected exit, then stop in order.
-fn supervise(
-    cfg: &Config,
-    log: &BuildLog,
-    sup: &Arc<Supervisor>,
-    kernel: &RealKernel,
-    link: &Link,
-    mut r: Running,
-) -> ExitCode {
-    let mut watched = vec![r.ws.pid];
+fn supervise(cfg: &Config, log: &BuildLog, sup: &Arc<Supervisor>, mut r: Running) -> ExitCode {
+    let mut watched = vec![r.ws().pid];
     if let Some(b) = &r.bootstrap {
         watched.push(b.client_pid);
     }
-    if let Some(d) = &r.daemons {
+    if let Some(d) = r.undo.daemons() {
         watched.extend(d.pids());
     }
     let unexpected = loop {
@@ -658,7 +628,7 @@ fn supervise(
                 r.bootstrap = None;
             }
             Wake::Exited(pid, _, exit) => {
-                let msg = match r.daemons.as_ref().and_then(|d| d.name_of(pid)) {
+                let msg = match r.undo.daemons().and_then(|d| d.name_of(pid)) {
                     Some(d) => format!(
                         "{} exited unexpectedly ({exit}); its last output:\n{}",
                         d.name,
@@ -666,7 +636,7 @@ fn supervise(
                     ),
                     None => format!(
                         "the workspace's init ended unexpectedly ({exit}); its last output:\n{}",
-                        r.ws.init_output.text()
+                        r.ws().init_output.text()
                     ),
                 };
                 break Some(msg);
@@ -675,29 +645,16 @@ fn supervise(
         }
     };
     let deadline = Instant::now() + cfg.shutdown_timeout;
-    // What follows the container's delete (link, mounts, daemons, the volumes' sync) keeps the last
-    // part of the one deadline, so a runtime that hangs cannot leave it no time at all.
-    let ws_deadline = deadline - teardown_reserve(cfg.shutdown_timeout);
     let hurry = || sup.stop_requests() > 1;
     let t = Instant::now();
-    let clean = r.ws.stop(r.bootstrap.as_ref(), ws_deadline, hurry);
-    let t_ws = t.elapsed();
-    // The container is gone: nothing reads the token files any more.
-    statedir::remove_secrets(&cfg.state_dir);
-    let iptables = net::UntilDeadline {
-        sup: sup.as_ref(),
+    let stopped = r.undo.unwind(&StopPlan {
         deadline,
-    };
-    if let Err(e) = net::teardown(&link.plan, &iptables) {
-        log::warn!("removing the workspace's link: {e}");
-    }
-    image::rootfs::release(kernel, &r.rootfs);
-    if let Some(d) = &r.daemons {
-        // Half of what is left, so that a wedged daemon leaves the volumes' sync its turn.
-        let now = Instant::now();
-        d.stop(sup, now + deadline.saturating_duration_since(now) / 2);
-    }
-    let t_teardown = t.elapsed();
+        // What follows the container's delete (link, mounts, daemons, the volumes' sync) keeps the
+        // last part of the one deadline, so a runtime that hangs cannot leave it no time at all.
+        container_deadline: deadline - teardown_reserve(cfg.shutdown_timeout),
+        bootstrap: r.bootstrap.as_ref(),
+        hurry: &hurry,
+    });
     // What the workspace wrote to its volumes must be on disk before the pod is torn down.
     let mut synced: Vec<std::path::PathBuf> = vec![cfg.state_dir.clone()];
     synced.extend(cfg.mounts.iter().map(|m| m.source.clone()));
@@ -712,11 +669,11 @@ fn supervise(
     }
     log::info!(
         "stopped {} in {:.2} s (workspace {:.2} s, link, mounts and daemons {:.2} s, volume sync {:.2} s)",
-        if clean { "cleanly" } else { "with force" },
+        if stopped.clean { "cleanly" } else { "with force" },
         t.elapsed().as_secs_f64(),
-        t_ws.as_secs_f64(),
-        (t_teardown - t_ws).as_secs_f64(),
-        (t.elapsed() - t_teardown).as_secs_f64()
+        stopped.container.as_secs_f64(),
+        (stopped.total - stopped.container).as_secs_f64(),
+        (t.elapsed() - stopped.total).as_secs_f64()
     );
     ExitCode::SUCCESS
 }
