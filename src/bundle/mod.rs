@@ -68,85 +68,49 @@ pub struct BundleInput<'a> {
     pub volume_shift: mounts::VolumeShift,
 }
 
-pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, BundleError> {
-    let cfg = input.config;
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| BundleError::Io { path, source }
-    };
-    kernel.create_dir_all(input.dir).map_err(io(input.dir))?;
+/// What a bundle will hold, decided from the configuration, the image and the pod's resolver
+/// configuration alone: no file is read or written here, so every decision is unit-testable.
+#[derive(Debug, Clone)]
+pub struct BundlePlan {
+    /// Files made in the bundle's `etc/` (name, path inside, content), bound over the image's.
+    pub etc_files: Vec<(&'static str, &'static str, String)>,
+    pub init: WorkspaceInit,
+    /// envbox's own binary, bound in when it is the init.
+    pub init_bind: Option<BindMount>,
+    pub volumes: Vec<mounts::PlannedMount>,
+    pub cwd: String,
+    pub stop_signal: i32,
+    pub cgroups_path: String,
+    /// Said in the pod log (the DNS fallback).
+    pub warnings: Vec<String>,
+}
 
-    let etc = input.dir.join("etc");
-    kernel.create_dir_all(&etc).map_err(io(&etc))?;
-    let pod_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    let (resolv, notice) = resolv_conf_with_fallback(&pod_resolv);
-    if let Some(n) = notice {
-        log::warn!("{n}");
-    }
-    let files = [
+pub fn plan(input: &BundleInput, pod_resolv: &str) -> BundlePlan {
+    let cfg = input.config;
+    let (resolv, notice) = resolv_conf_with_fallback(pod_resolv);
+    let etc_files = vec![
         ("hosts", "/etc/hosts", hosts_file(cfg)),
         ("resolv.conf", "/etc/resolv.conf", resolv),
         ("hostname", "/etc/hostname", format!("{}\n", cfg.hostname)),
     ];
-    let mut binds = Vec::new();
-    for (name, inside, content) in files {
-        let p = etc.join(name);
-        kernel.write_file(&p, content.as_bytes()).map_err(io(&p))?;
-        // Owned by the workspace's root, so it can edit them like any container's.
-        kernel
-            .chown(&p, ID_MAP_HOST_START, ID_MAP_HOST_START)
-            .map_err(io(&p))?;
-        binds.push(BindMount {
-            source: p,
-            target: inside.into(),
-            read_only: false,
-        });
-    }
-
     // Only systemd is run as the workspace's PID 1: other inits (busybox's, sysvinit) expect a
     // console and an inittab and do not stop on a container's stop signal.
-    let init = if input.facts.init == crate::image::facts::SbinInit::Systemd {
-        WorkspaceInit::Systemd
+    let (init, init_bind) = if input.facts.init == crate::image::facts::SbinInit::Systemd {
+        (WorkspaceInit::Systemd, None)
     } else {
-        binds.push(BindMount {
-            source: input.envbox_binary.to_path_buf(),
-            target: INIT_PATH_INSIDE.into(),
-            read_only: true,
-        });
-        WorkspaceInit::Envbox {
-            path_inside: INIT_PATH_INSIDE.into(),
-            // The whole stop must fit CODER_SHUTDOWN_TIMEOUT; a second is left for envbox's own steps.
-            grace_secs: cfg.shutdown_timeout.as_secs().saturating_sub(1).max(1),
-        }
+        (
+            WorkspaceInit::Envbox {
+                path_inside: INIT_PATH_INSIDE.into(),
+                // The whole stop must fit CODER_SHUTDOWN_TIMEOUT; a second is left for envbox's own steps.
+                grace_secs: cfg.shutdown_timeout.as_secs().saturating_sub(1).max(1),
+            },
+            Some(BindMount {
+                source: input.envbox_binary.to_path_buf(),
+                target: INIT_PATH_INSIDE.into(),
+                read_only: true,
+            }),
+        )
     };
-    let planned = mounts::plan(&input.facts.user, &cfg.mounts);
-    let (mut all_binds, volume_notes) =
-        mounts::prepare_volumes(kernel, &planned, input.volume_shift)?;
-    all_binds.extend(binds);
-
-    let devices = devices::prepare(kernel, &input.dir.join("dev"), cfg.add_tun, cfg.add_fuse)?;
-    let (mut gpu_devices, mut gpu_env) = (Vec::new(), Vec::new());
-    if let (true, Some(lib)) = (cfg.add_gpu, cfg.usr_lib_dir.as_deref()) {
-        let inputs = gpu::gather(&gpu::GatherOptions {
-            usr_lib_dir: lib,
-            inner_usr_lib_dir: cfg.inner_usr_lib_dir.as_deref(),
-            os: &input.facts.os,
-            reserved_targets: all_binds.iter().map(|b| b.target.clone()).collect(),
-        })?;
-        let plan = gpu::plan(&inputs)?;
-        for w in &plan.warnings {
-            log::warn!("GPU: {w}");
-        }
-        all_binds.extend(plan.binds);
-        gpu_devices = plan.devices;
-        gpu_env = plan.env;
-    }
-    let token = cfg
-        .agent_token
-        .as_ref()
-        .map(|t| t.expose())
-        .unwrap_or_default();
-    let env = env::workspace_env(&input.image.env, token, &cfg.passed_env, &gpu_env);
     let cwd = cfg
         .work_dir
         .clone()
@@ -167,19 +131,96 @@ pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, Bundl
             .and_then(signals::parse_stop_signal)
             .unwrap_or(libc::SIGTERM),
     };
-    let cgroups_path = format!("/{}", input.container_id);
+    BundlePlan {
+        etc_files,
+        init,
+        init_bind,
+        volumes: mounts::plan(&input.facts.user, &cfg.mounts),
+        cwd,
+        stop_signal,
+        cgroups_path: format!("/{}", input.container_id),
+        warnings: notice.into_iter().collect(),
+    }
+}
+
+/// Plans and applies: the bundle for `input`, with the pod's own `/etc/resolv.conf`.
+pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, BundleError> {
+    let pod_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    apply(kernel, input, plan(input, &pod_resolv))
+}
+
+/// Makes what `plan` decided: the `etc/` files, the volumes' ownership, the device nodes, the GPU
+/// binds (which depend on the node's files), and `config.json`.
+pub fn apply(
+    kernel: &dyn Kernel,
+    input: &BundleInput,
+    plan: BundlePlan,
+) -> Result<Bundle, BundleError> {
+    let cfg = input.config;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BundleError::Io { path, source }
+    };
+    for w in &plan.warnings {
+        log::warn!("{w}");
+    }
+    kernel.create_dir_all(input.dir).map_err(io(input.dir))?;
+    let etc = input.dir.join("etc");
+    kernel.create_dir_all(&etc).map_err(io(&etc))?;
+    let mut binds = Vec::new();
+    for (name, inside, content) in &plan.etc_files {
+        let p = etc.join(name);
+        kernel.write_file(&p, content.as_bytes()).map_err(io(&p))?;
+        // Owned by the workspace's root, so it can edit them like any container's.
+        kernel
+            .chown(&p, ID_MAP_HOST_START, ID_MAP_HOST_START)
+            .map_err(io(&p))?;
+        binds.push(BindMount {
+            source: p,
+            target: (*inside).into(),
+            read_only: false,
+        });
+    }
+    binds.extend(plan.init_bind);
+    let (mut all_binds, volume_notes) =
+        mounts::prepare_volumes(kernel, &plan.volumes, input.volume_shift)?;
+    all_binds.extend(binds);
+
+    let devices = devices::prepare(kernel, &input.dir.join("dev"), cfg.add_tun, cfg.add_fuse)?;
+    let (mut gpu_devices, mut gpu_env) = (Vec::new(), Vec::new());
+    if let (true, Some(lib)) = (cfg.add_gpu, cfg.usr_lib_dir.as_deref()) {
+        let inputs = gpu::gather(&gpu::GatherOptions {
+            usr_lib_dir: lib,
+            inner_usr_lib_dir: cfg.inner_usr_lib_dir.as_deref(),
+            os: &input.facts.os,
+            reserved_targets: all_binds.iter().map(|b| b.target.clone()).collect(),
+        })?;
+        let gpu_plan = gpu::plan(&inputs)?;
+        for w in &gpu_plan.warnings {
+            log::warn!("GPU: {w}");
+        }
+        all_binds.extend(gpu_plan.binds);
+        gpu_devices = gpu_plan.devices;
+        gpu_env = gpu_plan.env;
+    }
+    let token = cfg
+        .agent_token
+        .as_ref()
+        .map(|t| t.expose())
+        .unwrap_or_default();
+    let env = env::workspace_env(&input.image.env, token, &cfg.passed_env, &gpu_env);
     let ws = WorkspaceSpec {
         rootfs: input.rootfs.to_path_buf(),
         hostname: cfg.hostname.clone(),
-        init: init.clone(),
+        init: plan.init.clone(),
         env: env.clone(),
-        cwd,
+        cwd: plan.cwd,
         mounts: all_binds,
         devices,
         gpu_devices,
         cpus: cfg.cpus,
         memory: cfg.memory,
-        cgroups_path: cgroups_path.clone(),
+        cgroups_path: plan.cgroups_path.clone(),
         nofile: nofile_limit(),
         oom_score_adj: Some(input.oom_score_adj),
     };
@@ -188,10 +229,10 @@ pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, Bundl
     write_private_json(&path, &spec).map_err(io(&path))?;
     Ok(Bundle {
         dir: input.dir.to_path_buf(),
-        init,
-        stop_signal,
+        init: plan.init,
+        stop_signal: plan.stop_signal,
         env,
-        cgroups_path,
+        cgroups_path: plan.cgroups_path,
         notes: volume_notes,
     })
 }
@@ -370,6 +411,73 @@ mod tests {
             init,
             os: Default::default(),
         }
+    }
+
+    fn config(work_dir: Option<&str>) -> Config {
+        use crate::cli::{DockerArgs, ImageArgs};
+        use std::os::unix::fs::PermissionsExt;
+        // Configuration checks that the runtime is an executable named like one.
+        let bin = tempfile::tempdir().unwrap();
+        let runc = bin.path().join("runc");
+        std::fs::write(&runc, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&runc, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Config::from_args(&DockerArgs {
+            image: ImageArgs {
+                image: Some("busybox".into()),
+                ..Default::default()
+            },
+            runtime: Some(runc.display().to_string()),
+            work_dir: work_dir.map(String::from),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn input<'a>(
+        cfg: &'a Config,
+        facts: &'a ImageFacts,
+        image: &'a ImageSettings,
+    ) -> BundleInput<'a> {
+        BundleInput {
+            config: cfg,
+            facts,
+            image,
+            rootfs: Path::new("/state/rootfs"),
+            dir: Path::new("/state/bundle"),
+            envbox_binary: Path::new("/envbox"),
+            container_id: "ws-1",
+            oom_score_adj: 0,
+            volume_shift: mounts::VolumeShift::Shift,
+        }
+    }
+
+    #[test]
+    fn the_plan_picks_the_init_stop_signal_and_working_directory_without_touching_anything() {
+        use crate::image::facts::SbinInit;
+        let image = ImageSettings {
+            working_dir: Some("relative".into()),
+            stop_signal: Some("SIGQUIT".into()),
+            ..Default::default()
+        };
+        let cfg = config(None);
+        let f = facts(SbinInit::Missing);
+        let p = plan(&input(&cfg, &f, &image), "nameserver 10.0.0.10\n");
+        assert!(matches!(p.init, WorkspaceInit::Envbox { .. }));
+        assert_eq!(p.init_bind.as_ref().unwrap().source, Path::new("/envbox"));
+        assert_eq!(p.stop_signal, libc::SIGQUIT);
+        // A relative WorkingDir is not a directory the runtime can use.
+        assert_eq!(p.cwd, "/");
+        assert_eq!(p.cgroups_path, "/ws-1");
+        assert!(p.warnings.is_empty());
+
+        let cfg = config(Some("/work"));
+        let f = facts(SbinInit::Systemd);
+        let p = plan(&input(&cfg, &f, &image), "nameserver 127.0.0.53\n");
+        assert_eq!(p.init, WorkspaceInit::Systemd);
+        assert!(p.init_bind.is_none());
+        assert_eq!(p.stop_signal, signals::sigrtmin_plus_3());
+        assert_eq!(p.cwd, "/work");
+        assert_eq!(p.warnings.len(), 1, "the DNS fallback is said once");
     }
 
     #[test]
