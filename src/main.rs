@@ -120,6 +120,9 @@ fn docker(a: &cli::DockerArgs) -> ExitCode {
         secrets::register(s);
     }
     init_logging(cfg.debug);
+    for w in &cfg.warnings {
+        log::warn!("{w}");
+    }
     // The pod's network is read, not changed: a bad link plan is a configuration error too.
     let plan = net::LinkPlan {
         uplink: cfg.ethlink.clone(),
