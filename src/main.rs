@@ -355,6 +355,7 @@ fn start_workspace(
         working_dir: p.image.config.working_dir.clone(),
         stop_signal: p.image.config.stop_signal.clone(),
     };
+    log.info(bundle::init_log_line(&facts));
     inner_docker_mtu(&rootfs.path, link.mtu, log);
     bundle::add_machine_id(&facts, &rootfs.path);
     let bundle_dir = cfg.state_dir.join("bundle");

@@ -95,21 +95,23 @@ pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, Bundl
         });
     }
 
-    // Only systemd is run as the workspace's PID 1: other inits (busybox's, sysvinit) expect a
-    // console and an inittab and do not stop on a container's stop signal.
-    let init = if input.facts.init == crate::image::facts::SbinInit::Systemd {
-        WorkspaceInit::Systemd
-    } else {
+    // The image's /sbin/init is PID 1 whenever it exists, as in the Go envbox, except busybox's:
+    // its default inittab starts gettys on consoles the workspace lacks and it ignores SIGTERM.
+    let init = choose_init(input.facts);
+    if let WorkspaceInit::Envbox { .. } = init {
         binds.push(BindMount {
             source: input.envbox_binary.to_path_buf(),
             target: INIT_PATH_INSIDE.into(),
             read_only: true,
         });
-        WorkspaceInit::Envbox {
+    }
+    let init = match init {
+        WorkspaceInit::Envbox { .. } => WorkspaceInit::Envbox {
             path_inside: INIT_PATH_INSIDE.into(),
             // The whole stop must fit CODER_SHUTDOWN_TIMEOUT; a second is left for envbox's own steps.
             grace_secs: cfg.shutdown_timeout.as_secs().saturating_sub(1).max(1),
-        }
+        },
+        other => other,
     };
     let planned = mounts::plan(&input.facts.user, &cfg.mounts);
     let mut all_binds = mounts::prepare(kernel, &planned)?;
@@ -151,7 +153,7 @@ pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, Bundl
         .unwrap_or_else(|| "/".into());
     let stop_signal = match init {
         WorkspaceInit::Systemd => signals::sigrtmin_plus_3(),
-        WorkspaceInit::Envbox { .. } => input
+        WorkspaceInit::Envbox { .. } | WorkspaceInit::Image => input
             .image
             .stop_signal
             .as_deref()
@@ -183,6 +185,45 @@ pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, Bundl
         env,
         cgroups_path,
     })
+}
+
+/// What runs as the workspace's PID 1 for an image (grace and path of envbox's init are filled in by
+/// [`prepare`]).
+fn choose_init(facts: &ImageFacts) -> WorkspaceInit {
+    use crate::image::facts::SbinInit;
+    match &facts.init {
+        SbinInit::Systemd => WorkspaceInit::Systemd,
+        SbinInit::Other(target) if !is_busybox(target) => WorkspaceInit::Image,
+        _ => WorkspaceInit::Envbox {
+            path_inside: INIT_PATH_INSIDE.into(),
+            grace_secs: 0,
+        },
+    }
+}
+
+fn is_busybox(target: &str) -> bool {
+    Path::new(target)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("busybox"))
+}
+
+/// The build-log line naming the workspace's init, so that a template author can tell why their
+/// services did (not) start.
+pub fn init_log_line(facts: &ImageFacts) -> String {
+    use crate::image::facts::SbinInit;
+    match (&facts.init, choose_init(facts)) {
+        (_, WorkspaceInit::Systemd) => "Workspace init: /sbin/init (systemd)".into(),
+        (SbinInit::Other(t), WorkspaceInit::Image) if t != "/sbin/init" => {
+            format!("Workspace init: /sbin/init (the image's own, {t})")
+        }
+        (_, WorkspaceInit::Image) => "Workspace init: /sbin/init (the image's own)".into(),
+        (SbinInit::Other(t), _) => format!(
+            "Workspace init: envbox's: the image's /sbin/init is busybox's ({t}), which would start \
+             gettys and ignores the stop signal"
+        ),
+        _ => "Workspace init: envbox's (the image has no /sbin/init)".into(),
+    }
 }
 
 /// systemd needs `/etc/machine-id` to exist: without it, it stays in `starting` for minutes
@@ -314,6 +355,36 @@ mod tests {
             init,
             os: Default::default(),
         }
+    }
+
+    #[test]
+    fn any_sbin_init_but_busybox_is_pid_1() {
+        use crate::image::facts::SbinInit;
+        assert_eq!(
+            choose_init(&facts(SbinInit::Systemd)),
+            WorkspaceInit::Systemd
+        );
+        for own in [
+            "/sbin/init",
+            "/usr/bin/tini",
+            "/package/admin/s6/command/s6-svscan",
+        ] {
+            assert_eq!(
+                choose_init(&facts(SbinInit::Other(own.into()))),
+                WorkspaceInit::Image,
+                "{own}"
+            );
+            assert!(init_log_line(&facts(SbinInit::Other(own.into())))
+                .starts_with("Workspace init: /sbin/init (the image's own"));
+        }
+        for envbox in [SbinInit::Missing, SbinInit::Other("/bin/busybox".into())] {
+            assert!(matches!(
+                choose_init(&facts(envbox.clone())),
+                WorkspaceInit::Envbox { .. }
+            ));
+            assert!(init_log_line(&facts(envbox)).starts_with("Workspace init: envbox's"));
+        }
+        assert!(init_log_line(&facts(SbinInit::Other("/bin/busybox".into()))).contains("busybox"));
     }
 
     #[test]
