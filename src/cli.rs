@@ -242,6 +242,12 @@ pub struct ExecArgs {
     /// User to run as: a name from the image's /etc/passwd or uid[:gid] (default: the workspace user).
     #[arg(long, short = 'u')]
     pub user: Option<String>,
+    /// Working directory (default: the user's home).
+    #[arg(long = "workdir", short = 'w')]
+    pub workdir: Option<String>,
+    /// KEY=VALUE to set in the command's environment (repeatable).
+    #[arg(long = "env", short = 'e')]
+    pub env: Vec<String>,
     /// State directory of the running envbox.
     #[arg(long = "state-dir", env = "CODER_STATE_DIR", hide_env_values = true)]
     pub state_dir: Option<String>,

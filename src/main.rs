@@ -2,8 +2,8 @@
 //! container. `docker` reads as the start-up sequence; each step lives in its own module.
 
 use envbox::{
-    buildlog, bundle, cgroup, cli, coderlog, config, exec, image, init, net, pid1, pod, runtime,
-    secrets, sys, workspace,
+    buildlog, bundle, cgroup, cli, coderlog, config, docker_shim, exec, image, init, net, pid1,
+    pod, runtime, secrets, sys, workspace,
 };
 
 use std::process::ExitCode;
@@ -30,6 +30,17 @@ fn main() -> ExitCode {
     if let Err(e) = pid1::signals::block_all() {
         eprintln!("envbox: cannot block signals: {e}");
         return ExitCode::from(EXIT_FAILURE);
+    }
+    // The outer image's /usr/local/bin/docker is a link to envbox (operators' `docker exec` habit).
+    if std::env::args_os()
+        .next()
+        .is_some_and(|a| docker_shim::invoked_as_docker(&a))
+    {
+        let args: Vec<String> = std::env::args_os()
+            .skip(1)
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        return docker_shim::run(&args);
     }
     let cli = Cli::parse();
     match cli.command {
