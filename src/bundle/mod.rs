@@ -96,7 +96,8 @@ pub fn prepare(kernel: &dyn Kernel, input: &BundleInput) -> Result<Bundle, Bundl
     }
 
     // The image's /sbin/init is PID 1 whenever it exists, as in the Go envbox, except busybox's:
-    // its default inittab starts gettys on consoles the workspace lacks and it ignores SIGTERM.
+    // its default inittab starts gettys on consoles the workspace lacks, and it does not stop on the
+    // container's stop signal.
     let init = choose_init(input.facts);
     if let WorkspaceInit::Envbox { .. } = init {
         binds.push(BindMount {
@@ -220,7 +221,7 @@ pub fn init_log_line(facts: &ImageFacts) -> String {
         (_, WorkspaceInit::Image) => "Workspace init: /sbin/init (the image's own)".into(),
         (SbinInit::Other(t), _) => format!(
             "Workspace init: envbox's: the image's /sbin/init is busybox's ({t}), which would start \
-             gettys and ignores the stop signal"
+             gettys and does not stop on the container's stop signal"
         ),
         _ => "Workspace init: envbox's (the image has no /sbin/init)".into(),
     }
