@@ -166,3 +166,8 @@ build_ok() {
   run python3 "$EBX_REPO_ROOT/tests/lib/check_deploy.py" "$EBX_REPO_ROOT/deploy"
   assert_status 0
 }
+
+@test "Containerfile: sysbox 0.7.1 is the default (0.7.0 has the sysbox-fs deadlock upstream moved away from)" {
+  run grep -x 'ARG SYSBOX_VERSION=0.7.1' "$EBX_REPO_ROOT/Containerfile"
+  assert_status 0
+}
