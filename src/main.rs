@@ -367,6 +367,9 @@ fn start_workspace(
         stop_signal: p.image.config.stop_signal.clone(),
     };
     log.info(bundle::init_log_line(&facts));
+    for note in bundle::mounts::read_only_owner_notes(&cfg.mounts) {
+        log.info(note);
+    }
     inner_docker_mtu(&rootfs.path, link.mtu, log);
     bundle::add_machine_id(&facts, &rootfs.path);
     let bundle_dir = cfg.state_dir.join("bundle");

@@ -477,3 +477,21 @@ exec sleep 1000'
     assert_contains "$stderr" "envbox exec" "docker $cmd"
   done
 }
+
+@test "a read-only mount owned outside the workspace's ids is left as is and the build log says it appears as nobody" {
+  local ro=$POD_DIR/volumes/ro-data mapped=$POD_DIR/volumes/ro-mapped
+  mkdir -p "$ro" "$mapped"
+  echo x >"$ro/f"
+  chown 101000:101000 "$mapped"
+  pod_start ws "CODER_MOUNTS=$POD_DIR/volumes/home:/home/coder,$ro:/data:ro,$mapped:/mapped:ro"
+  pod_wait_ready 120
+  local info
+  info=$(pod_log_lines info | jq -r .output)
+  grep -F "$ro" <<<"$info" | grep -F /data | grep -q nobody ||
+    fail "no build-log line saying the files of $ro (/data) appear as nobody. Info lines:"$'\n'"$info"
+  refute_contains "$info" "$mapped" "info lines (its owner is inside the workspace's ids)"
+  run pod_ws stat -c %u /data/f
+  assert_status 0
+  assert_equal "$output" 65534 "owner of /data/f inside"
+  assert_equal "$(stat -c %u:%g "$ro" "$ro/f" | sort -u)" 0:0 "owner of the read-only source outside"
+}
