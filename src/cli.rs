@@ -32,7 +32,9 @@ pub enum Command {
     Init(InitArgs),
 }
 
-/// Every `CODER_*` input of the Go envbox, with the same names, plus our own.
+/// Every `CODER_*` input and every flag of the Go envbox, with the same names, plus our own.
+/// Booleans take Go's `strconv.ParseBool` forms (1, t, T, TRUE, true, True and the false ones), and a
+/// boolean flag given alone (`--add-tun`) means true, as with Go's flag package.
 #[derive(Args, Debug, Default, Clone)]
 pub struct DockerArgs {
     #[command(flatten)]
@@ -104,14 +106,32 @@ pub struct DockerArgs {
         hide_env_values = true
     )]
     pub inner_usr_lib_dir: Option<String>,
-    /// Add /dev/net/tun to the workspace (true, false, 1, 0).
-    #[arg(long = "add-tun", env = "CODER_ADD_TUN", hide_env_values = true)]
+    /// Add /dev/net/tun to the workspace (a boolean).
+    #[arg(
+        long = "add-tun",
+        env = "CODER_ADD_TUN",
+        hide_env_values = true,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
     pub add_tun: Option<String>,
-    /// Add /dev/fuse to the workspace (true, false, 1, 0).
-    #[arg(long = "add-fuse", env = "CODER_ADD_FUSE", hide_env_values = true)]
+    /// Add /dev/fuse to the workspace (a boolean).
+    #[arg(
+        long = "add-fuse",
+        env = "CODER_ADD_FUSE",
+        hide_env_values = true,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
     pub add_fuse: Option<String>,
-    /// Pass the pod's NVIDIA GPUs into the workspace (true, false, 1, 0).
-    #[arg(long = "add-gpu", env = "CODER_ADD_GPU", hide_env_values = true)]
+    /// Pass the pod's NVIDIA GPUs into the workspace (a boolean).
+    #[arg(
+        long = "add-gpu",
+        env = "CODER_ADD_GPU",
+        hide_env_values = true,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
     pub add_gpu: Option<String>,
     /// CPU limit as a Kubernetes quantity: 2, 1.5, 500m (default: unlimited).
     #[arg(long = "cpus", env = "CODER_CPUS", hide_env_values = true)]
@@ -119,16 +139,28 @@ pub struct DockerArgs {
     /// Memory limit in bytes or as a quantity: 4Gi, 512M (default: unlimited).
     #[arg(long = "memory", env = "CODER_MEMORY", hide_env_values = true)]
     pub memory: Option<String>,
-    /// Pass --disable-idmapped-mount to sysbox-mgr (XFS volumes) (true, false, 1, 0).
+    /// Pass --disable-idmapped-mount to sysbox-mgr (XFS volumes) (a boolean).
     #[arg(
         long = "disable-idmapped-mount",
         env = "CODER_DISABLE_IDMAPPED_MOUNT",
-        hide_env_values = true
+        hide_env_values = true,
+        num_args = 0..=1,
+        default_missing_value = "true"
     )]
     pub disable_idmapped_mount: Option<String>,
-    /// Verbose operator logs (true, false, 1, 0); RUST_LOG also works.
-    #[arg(long = "debug", env = "CODER_DEBUG", hide_env_values = true)]
+    /// Verbose operator logs (a boolean); RUST_LOG also works.
+    #[arg(
+        long = "debug",
+        env = "CODER_DEBUG",
+        hide_env_values = true,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
     pub debug: Option<String>,
+    /// No effect; accepted because the Go envbox's CLI had it (there it discarded the build log, for its
+    /// tests). The build log is always written.
+    #[arg(long = "no-startup-log", num_args = 0..=1, default_missing_value = "true")]
+    pub no_startup_log: Option<String>,
     /// OCI runtime: sysbox-runc (default), runc, crun, or a path to one of them.
     #[arg(long = "runtime", env = "CODER_RUNTIME", hide_env_values = true)]
     pub runtime: Option<String>,
@@ -200,7 +232,7 @@ pub struct PullArgs {
     pub reference: Option<String>,
     #[command(flatten)]
     pub image: ImageArgs,
-    /// Verbose operator logs (true, false, 1, 0).
+    /// Verbose operator logs (a boolean).
     #[arg(long = "debug", env = "CODER_DEBUG", hide_env_values = true)]
     pub debug: Option<String>,
 }
@@ -210,6 +242,12 @@ pub struct ExecArgs {
     /// User to run as: a name from the image's /etc/passwd or uid[:gid] (default: the workspace user).
     #[arg(long, short = 'u')]
     pub user: Option<String>,
+    /// Working directory (default: the user's home).
+    #[arg(long = "workdir", short = 'w')]
+    pub workdir: Option<String>,
+    /// KEY=VALUE to set in the command's environment (repeatable).
+    #[arg(long = "env", short = 'e')]
+    pub env: Vec<String>,
     /// State directory of the running envbox.
     #[arg(long = "state-dir", env = "CODER_STATE_DIR", hide_env_values = true)]
     pub state_dir: Option<String>,

@@ -308,6 +308,8 @@ enum Reply {
     Status(u16, String),
     /// No response: connection, TLS or timeout error.
     Failed(String),
+    /// Coder's certificate is not trusted: no retry can change that, so the sender stops at once.
+    Untrusted(String),
 }
 
 impl std::fmt::Display for Reply {
@@ -316,7 +318,7 @@ impl std::fmt::Display for Reply {
             Reply::Ok => f.write_str("OK"),
             Reply::Status(code, msg) if msg.is_empty() => write!(f, "HTTP {code}"),
             Reply::Status(code, msg) => write!(f, "HTTP {code}: {msg}"),
-            Reply::Failed(e) => f.write_str(e),
+            Reply::Failed(e) | Reply::Untrusted(e) => f.write_str(e),
         }
     }
 }
@@ -458,6 +460,7 @@ impl Sender {
                 Next::Continue
             }
             Reply::Status(401 | 403, _) => self.rejected(&reply, batch.counted),
+            Reply::Untrusted(_) => self.untrusted(&reply, batch.counted),
             _ => self.failed("register the log source", &reply, batch.counted),
         }
     }
@@ -497,8 +500,18 @@ impl Sender {
                 }
                 self.failed("send start-up lines", &reply, 0)
             }
+            Reply::Untrusted(_) => self.untrusted(&reply, batch.counted),
             _ => self.failed("send start-up lines", &reply, batch.counted),
         }
+    }
+
+    fn untrusted(&mut self, reply: &Reply, in_flight: usize) -> Next {
+        log::warn!(
+            "coder log: Coder's TLS certificate is not trusted ({reply}); start-up lines are not sent to \
+             the Coder dashboard (add its CA to CODER_EXTRA_CERTS_PATH)"
+        );
+        self.shared.stop(in_flight);
+        Next::Stop
     }
 
     /// Makes one request, showing `flush` that it is in flight.
@@ -680,7 +693,10 @@ impl HttpApi {
                     Reply::Status(status, error_message(&text))
                 }
             }
-            Err(e) => Reply::Failed(e.to_string()),
+            Err(e) => match untrusted_certificate(&e) {
+                Some(why) => Reply::Untrusted(why),
+                None => Reply::Failed(e.to_string()),
+            },
         };
         self.redact(reply)
     }
@@ -694,8 +710,25 @@ impl HttpApi {
         match reply {
             Reply::Status(c, m) => Reply::Status(c, m.replace(tok, "<redacted>")),
             Reply::Failed(m) => Reply::Failed(m.replace(tok, "<redacted>")),
+            Reply::Untrusted(m) => Reply::Untrusted(m.replace(tok, "<redacted>")),
             r => r,
         }
+    }
+}
+
+/// Why Coder's certificate was refused, when that is the error: rustls reports it either directly
+/// or inside the I/O error of the TLS stream.
+fn untrusted_certificate(e: &ureq::Error) -> Option<String> {
+    let tls = match e {
+        ureq::Error::Rustls(r) => Some(r),
+        ureq::Error::Io(io) => io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        _ => None,
+    };
+    match tls {
+        Some(rustls::Error::InvalidCertificate(c)) => Some(format!("{c:?}")),
+        _ => None,
     }
 }
 
@@ -1010,6 +1043,21 @@ mod tests {
             n,
             "nothing is sent once the budget is used"
         );
+    }
+
+    #[test]
+    fn untrusted_certificate_stops_at_once_without_retries() {
+        let api = FakeApi::new(vec![Reply::Untrusted("UnknownIssuer".into())], vec![]);
+        let log = start_with(Box::new(api.clone()), fast());
+        info(&log, "a");
+        let t = Instant::now();
+        log.flush();
+        assert!(t.elapsed() < Duration::from_secs(1));
+        info(&log, "b");
+        log.flush();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(api.calls().len(), 1, "no retries: {:?}", api.calls());
+        assert!(!log.shared.lock().accepting);
     }
 
     #[test]

@@ -10,6 +10,13 @@ use std::time::Duration;
 use crate::cli::{DockerArgs, ImageArgs};
 use crate::secrets::Secret;
 
+mod parse;
+use parse::{
+    optional_abs_path, parse_cache_max_size, parse_cpus, parse_env_filters, parse_hostname,
+    parse_memory, parse_mounts, parse_seconds, parse_url, parse_work_dir,
+};
+pub use parse::{parse_bool, parse_bridge_cidr, BOOL_FORMS};
+
 pub const DEFAULT_BRIDGE_CIDR: &str = "172.19.0.1/30";
 /// On the stock template's PVC (`envbox/docker` sub-path), which the Go envbox used for dockerd's image
 /// store: the cache survives pod restarts exactly where images used to.
@@ -20,6 +27,7 @@ pub const DEFAULT_DOCKER_CONFIG: &str = "/root/.docker/config.json";
 /// Leaves 5 s of Kubernetes' default 30 s grace period for kubelet's own teardown.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(25);
 pub const DEFAULT_HOSTNAME: &str = "workspace";
+const AGENT_SUBSYSTEM: &str = "CODER_AGENT_SUBSYSTEM";
 
 /// A configuration problem: which variable, what it held (masked for secrets), what is accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +163,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub shutdown_timeout: Duration,
     pub ethlink: String,
+    /// Accepted values that do something other than what they seem to (e.g. a `CODER_MOUNTS` option
+    /// the Go envbox ignored): logged once at start.
+    pub warnings: Vec<String>,
 }
 
 impl Config {
@@ -176,7 +187,15 @@ impl Config {
         check_disk_backed("CODER_STATE_DIR", &state_dir)?;
         let inner_envs = parse_env_filters(&a.inner_envs);
         let pod_env: Vec<(String, String)> = std::env::vars().collect();
-        let passed_env = crate::bundle::env::select_pod_env(&inner_envs, &pod_env);
+        let mut passed_env = crate::bundle::env::select_pod_env(&inner_envs, &pod_env);
+        // The Go envbox merged the pod's CODER_AGENT_SUBSYSTEM into the workspace's whether or not
+        // CODER_INNER_ENVS named it (`envbox,<theirs>`); the merge itself is in bundle::env.
+        if let Some(sub) = pod_env.iter().find(|(k, _)| k == AGENT_SUBSYSTEM) {
+            if !passed_env.iter().any(|(k, _)| k == AGENT_SUBSYSTEM) {
+                passed_env.push(sub.clone());
+            }
+        }
+        let (mounts, warnings) = parse_mounts(&a.mounts)?;
         if let Some((name, why)) = crate::bundle::env::sysbox_rejects(&passed_env) {
             return Err(invalid("CODER_INNER_ENVS", &name, why));
         }
@@ -190,7 +209,7 @@ impl Config {
             hostname: parse_hostname(&a.hostname)?,
             bridge: parse_bridge_cidr(present(&a.bridge_cidr).unwrap_or(DEFAULT_BRIDGE_CIDR))?,
             bootstrap_script: present(&a.bootstrap_script).map(Secret::new),
-            mounts: parse_mounts(&a.mounts)?,
+            mounts,
             usr_lib_dir,
             inner_usr_lib_dir: optional_abs_path("CODER_INNER_USR_LIB_DIR", &a.inner_usr_lib_dir)?,
             add_tun: parse_bool("CODER_ADD_TUN", &a.add_tun)?,
@@ -208,6 +227,7 @@ impl Config {
             shutdown_timeout: parse_seconds("CODER_SHUTDOWN_TIMEOUT", &a.shutdown_timeout)?
                 .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT),
             ethlink: present(&a.ethlink).unwrap_or("eth0").to_string(),
+            warnings,
             image,
         })
     }
@@ -241,12 +261,11 @@ impl ImageConfig {
         };
         validate_reference(&reference)?;
         let pull_secret = present(&a.pull_secret).map(Secret::new);
+        // Checked as the pull will read it, so a broken secret is a configuration error (exit 2, nothing
+        // created) rather than a failure after the state directory exists.
         if let Some(s) = &pull_secret {
-            if serde_json::from_str::<serde_json::Value>(s.expose()).is_err() {
-                return Err(invalid_secret(
-                    "CODER_IMAGE_PULL_SECRET",
-                    "expected the JSON content of a .dockerconfigjson secret ({\"auths\":{...}})",
-                ));
+            if let Err(why) = crate::image::auth::check_pull_secret(s.expose()) {
+                return Err(invalid_secret("CODER_IMAGE_PULL_SECRET", why));
             }
         }
         let extra_certs = optional_abs_path("CODER_EXTRA_CERTS_PATH", &a.extra_certs_path)?;
@@ -286,236 +305,6 @@ fn validate_reference(r: &str) -> Result<(), ConfigError> {
     crate::image::reference::ImageRef::parse(r)
         .map(|_| ())
         .map_err(|e| invalid("CODER_INNER_IMAGE", r, e.to_string()))
-}
-
-pub fn parse_bool(var: &'static str, v: &Option<String>) -> Result<bool, ConfigError> {
-    match present(v) {
-        None => Ok(false),
-        Some("true") | Some("1") | Some("TRUE") | Some("True") => Ok(true),
-        Some("false") | Some("0") | Some("FALSE") | Some("False") => Ok(false),
-        Some(other) => Err(invalid(var, other, "expected true, false, 1 or 0")),
-    }
-}
-
-fn parse_cpus(v: &Option<String>) -> Result<Option<MilliCpus>, ConfigError> {
-    const VAR: &str = "CODER_CPUS";
-    const EXPECTED: &str =
-        "expected a Kubernetes CPU quantity such as 2, 1.5 or 500m (0 = no limit)";
-    let Some(s) = present(v) else { return Ok(None) };
-    let milli = if let Some(m) = s.strip_suffix('m') {
-        m.parse::<u64>().map_err(|_| invalid(VAR, s, EXPECTED))?
-    } else {
-        parse_decimal_milli(s).ok_or_else(|| invalid(VAR, s, EXPECTED))?
-    };
-    Ok((milli > 0).then_some(MilliCpus(milli)))
-}
-
-/// "1.5" → 1500; at most three decimals, no sign, no exponent.
-fn parse_decimal_milli(s: &str) -> Option<u64> {
-    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    if int.is_empty() && frac.is_empty() {
-        return None;
-    }
-    if !int.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    if frac.len() > 3 {
-        return None;
-    }
-    let int: u64 = if int.is_empty() { 0 } else { int.parse().ok()? };
-    let frac_milli: u64 = format!("{frac:0<3}").parse().ok()?;
-    int.checked_mul(1000)?.checked_add(frac_milli)
-}
-
-fn parse_memory(v: &Option<String>) -> Result<Option<u64>, ConfigError> {
-    const VAR: &str = "CODER_MEMORY";
-    const EXPECTED: &str =
-        "expected bytes or a Kubernetes quantity such as 4Gi, 512Mi or 512M (0 = no limit)";
-    let Some(s) = present(v) else { return Ok(None) };
-    let bytes = parse_byte_quantity(s).ok_or_else(|| invalid(VAR, s, EXPECTED))?;
-    Ok((bytes > 0).then_some(bytes))
-}
-
-fn parse_cache_max_size(v: &Option<String>) -> Result<Option<u64>, ConfigError> {
-    const VAR: &str = "CODER_CACHE_MAX_SIZE";
-    const EXPECTED: &str = "expected a size in bytes or a Kubernetes quantity such as 20Gi or \
-                            500M, greater than 0 (unset: no limit)";
-    let Some(s) = present(v) else { return Ok(None) };
-    match parse_byte_quantity(s) {
-        Some(n) if n > 0 => Ok(Some(n)),
-        _ => Err(invalid(VAR, s, EXPECTED)),
-    }
-}
-
-/// Bytes, or a Kubernetes quantity with a k/M/G/T or Ki/Mi/Gi/Ti suffix (integers only).
-fn parse_byte_quantity(s: &str) -> Option<u64> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    let mult: u64 = match unit {
-        "" => 1,
-        "k" => 1000,
-        "M" => 1000_u64.pow(2),
-        "G" => 1000_u64.pow(3),
-        "T" => 1000_u64.pow(4),
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "Ti" => 1 << 40,
-        _ => return None,
-    };
-    n.checked_mul(mult)
-}
-
-fn parse_seconds(var: &'static str, v: &Option<String>) -> Result<Option<Duration>, ConfigError> {
-    let Some(s) = present(v) else { return Ok(None) };
-    let digits = s.strip_suffix('s').unwrap_or(s);
-    match digits.parse::<u64>() {
-        Ok(n) if n > 0 && n <= 3600 => Ok(Some(Duration::from_secs(n))),
-        _ => Err(invalid(
-            var,
-            s,
-            "expected whole seconds between 1 and 3600, e.g. 25 or 25s",
-        )),
-    }
-}
-
-pub fn parse_bridge_cidr(s: &str) -> Result<BridgeCidr, ConfigError> {
-    const VAR: &str = "CODER_DOCKER_BRIDGE_CIDR";
-    const EXPECTED: &str = "expected an IPv4 CIDR with a prefix of at most /30, e.g. 172.19.0.1/30";
-    let (addr, prefix) = s.split_once('/').ok_or_else(|| invalid(VAR, s, EXPECTED))?;
-    let addr: Ipv4Addr = addr.parse().map_err(|_| invalid(VAR, s, EXPECTED))?;
-    let prefix: u8 = prefix.parse().map_err(|_| invalid(VAR, s, EXPECTED))?;
-    if prefix == 0 || prefix > 30 {
-        return Err(invalid(VAR, s, EXPECTED));
-    }
-    let mask = u32::MAX << (32 - u32::from(prefix));
-    let network = u32::from(addr) & mask;
-    // Same rule as the Go envbox's `--bip`: the first host address is the pod's side.
-    let pod = network + 1;
-    let workspace = network + 2;
-    Ok(BridgeCidr {
-        pod_addr: Ipv4Addr::from(pod),
-        workspace_addr: Ipv4Addr::from(workspace),
-        prefix,
-    })
-}
-
-fn parse_mounts(v: &Option<String>) -> Result<Vec<MountSpec>, ConfigError> {
-    const VAR: &str = "CODER_MOUNTS";
-    let Some(s) = present(v) else {
-        return Ok(Vec::new());
-    };
-    let mut out = Vec::new();
-    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-        let parts: Vec<&str> = item.split(':').collect();
-        let bad = |why: &str| {
-            invalid(
-                VAR,
-                s,
-                format!("{why} in {item:?}; expected comma-separated src:dst[:ro|:rw] with absolute paths"),
-            )
-        };
-        let (src, dst, ro) = match parts.as_slice() {
-            [src, dst] => (*src, *dst, false),
-            [src, dst, "ro"] => (*src, *dst, true),
-            [src, dst, "rw"] => (*src, *dst, false),
-            [_, _, opt] => return Err(bad(&format!("unknown option {opt:?}"))),
-            _ => return Err(bad("wrong number of fields")),
-        };
-        if !src.starts_with('/') || !dst.starts_with('/') {
-            return Err(bad("relative path"));
-        }
-        if dst.split('/').any(|c| c == "..") || src.split('/').any(|c| c == "..") {
-            return Err(bad("\"..\" in a path"));
-        }
-        out.push(MountSpec {
-            source: PathBuf::from(src),
-            target: PathBuf::from(dst),
-            read_only: ro,
-        });
-    }
-    Ok(out)
-}
-
-fn parse_env_filters(v: &Option<String>) -> Vec<EnvFilter> {
-    let Some(s) = present(v) else {
-        return Vec::new();
-    };
-    let mut out: Vec<EnvFilter> = Vec::new();
-    for f in s.split(',').map(str::trim).filter(|f| !f.is_empty()) {
-        let filter = match f.strip_suffix('*') {
-            Some(prefix) => EnvFilter::Prefix(prefix.to_string()),
-            None => EnvFilter::Exact(f.to_string()),
-        };
-        if !out.contains(&filter) {
-            out.push(filter);
-        }
-    }
-    out
-}
-
-fn parse_hostname(v: &Option<String>) -> Result<String, ConfigError> {
-    let Some(h) = present(v) else {
-        return Ok(DEFAULT_HOSTNAME.to_string());
-    };
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    if h.len() > 253 || !h.split('.').all(label_ok) {
-        return Err(invalid(
-            "CODER_INNER_HOSTNAME",
-            h,
-            "expected an RFC 1123 host name: letters, digits and '-', dot-separated labels of at most 63 characters",
-        ));
-    }
-    Ok(h.to_string())
-}
-
-fn parse_work_dir(v: &Option<String>) -> Result<Option<String>, ConfigError> {
-    match present(v) {
-        None => Ok(None),
-        Some(p) if p.starts_with('/') => Ok(Some(p.to_string())),
-        Some(p) => Err(invalid(
-            "CODER_INNER_WORK_DIR",
-            p,
-            "expected an absolute path inside the workspace",
-        )),
-    }
-}
-
-fn parse_url(var: &'static str, v: &Option<String>) -> Result<Option<String>, ConfigError> {
-    let Some(u) = present(v) else { return Ok(None) };
-    let rest = u
-        .strip_prefix("https://")
-        .or_else(|| u.strip_prefix("http://"));
-    match rest {
-        Some(host)
-            if !host.is_empty() && !host.starts_with('/') && !u.contains(char::is_whitespace) =>
-        {
-            Ok(Some(u.trim_end_matches('/').to_string()))
-        }
-        _ => Err(invalid(
-            var,
-            u,
-            "expected an http:// or https:// URL such as https://coder.example.com",
-        )),
-    }
-}
-
-fn optional_abs_path(
-    var: &'static str,
-    v: &Option<String>,
-) -> Result<Option<PathBuf>, ConfigError> {
-    match present(v) {
-        None => Ok(None),
-        Some(p) if p.starts_with('/') => Ok(Some(PathBuf::from(p))),
-        Some(p) => Err(invalid(var, p, "expected an absolute path")),
-    }
 }
 
 fn parse_runtime(v: &Option<String>) -> Result<RuntimeChoice, ConfigError> {
@@ -613,41 +402,7 @@ mod tests {
     }
 
     #[test]
-    fn cpus_quantities() {
-        assert_eq!(parse_cpus(&s("2")).unwrap(), Some(MilliCpus(2000)));
-        assert_eq!(parse_cpus(&s("1.5")).unwrap(), Some(MilliCpus(1500)));
-        assert_eq!(parse_cpus(&s("500m")).unwrap(), Some(MilliCpus(500)));
-        assert_eq!(parse_cpus(&s("0")).unwrap(), None);
-        assert_eq!(parse_cpus(&s("")).unwrap(), None);
-        assert_eq!(MilliCpus(1500).quota(100_000), 150_000);
-        for bad in ["abc", "-1", "1.2345", "1e3", "m", "1.5m", "."] {
-            let e = parse_cpus(&s(bad)).unwrap_err();
-            assert_eq!(e.variable, "CODER_CPUS", "{bad}");
-        }
-    }
-
-    #[test]
-    fn memory_quantities() {
-        assert_eq!(parse_memory(&s("4Gi")).unwrap(), Some(4 << 30));
-        assert_eq!(parse_memory(&s("512M")).unwrap(), Some(512_000_000));
-        assert_eq!(parse_memory(&s("1073741824")).unwrap(), Some(1 << 30));
-        for bad in ["12XB", "-5", "Gi", "1.5Gi", "99999999999999999999"] {
-            assert!(parse_memory(&s(bad)).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn cache_max_size() {
-        assert_eq!(parse_cache_max_size(&s("20Gi")).unwrap(), Some(20 << 30));
-        assert_eq!(parse_cache_max_size(&s("500M")).unwrap(), Some(500_000_000));
-        assert_eq!(parse_cache_max_size(&s("4096")).unwrap(), Some(4096));
-        assert_eq!(parse_cache_max_size(&s("")).unwrap(), None);
-        assert_eq!(parse_cache_max_size(&None).unwrap(), None);
-        for bad in ["0", "lots", "20GB", "-1", "1.5Gi", "99999999999999999999Ti"] {
-            let e = parse_cache_max_size(&s(bad)).unwrap_err();
-            assert_eq!(e.variable, "CODER_CACHE_MAX_SIZE", "{bad}");
-            assert!(e.to_string().contains(bad), "{e}");
-        }
+    fn cache_max_size_reaches_the_image_config() {
         let args = ImageArgs {
             image: s("busybox"),
             cache_max_size: s("1Gi"),
@@ -660,109 +415,35 @@ mod tests {
     }
 
     #[test]
-    fn booleans() {
-        assert!(parse_bool("CODER_ADD_TUN", &s("true")).unwrap());
-        assert!(parse_bool("CODER_ADD_TUN", &s("1")).unwrap());
-        assert!(!parse_bool("CODER_ADD_TUN", &s("0")).unwrap());
-        assert!(!parse_bool("CODER_ADD_TUN", &s("")).unwrap());
-        let e = parse_bool("CODER_ADD_TUN", &s("yes")).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "invalid CODER_ADD_TUN=\"yes\": expected true, false, 1 or 0"
-        );
-    }
-
-    #[test]
-    fn bridge_cidr() {
-        let b = parse_bridge_cidr("172.19.0.1/30").unwrap();
-        assert_eq!(b.pod_addr, Ipv4Addr::new(172, 19, 0, 1));
-        assert_eq!(b.workspace_addr, Ipv4Addr::new(172, 19, 0, 2));
-        assert_eq!(b.network(), Ipv4Addr::new(172, 19, 0, 0));
-        let b = parse_bridge_cidr("172.31.0.129/30").unwrap();
-        assert_eq!(b.pod_addr, Ipv4Addr::new(172, 31, 0, 129));
-        let b = parse_bridge_cidr("10.213.0.0/30").unwrap();
-        assert_eq!(b.pod_addr, Ipv4Addr::new(10, 213, 0, 1));
-        for bad in [
-            "10.0.0.0/31",
-            "fe80::/64",
-            "nonsense",
-            "10.0.0.0",
-            "10.0.0.0/0",
-            "300.1.1.1/24",
-        ] {
-            assert_eq!(
-                parse_bridge_cidr(bad).unwrap_err().variable,
-                "CODER_DOCKER_BRIDGE_CIDR"
-            );
-        }
-    }
-
-    #[test]
-    fn mounts() {
-        let m = parse_mounts(&s("/home/coder:/home/coder,/data:/data:ro,/x:/y:rw")).unwrap();
-        assert_eq!(m.len(), 3);
-        assert!(m[1].read_only);
-        assert!(!m[2].read_only);
-        for bad in [
-            "relative:/x",
-            "/a",
-            "/a:/b:rx",
-            "/a:b",
-            "/a:/b:ro:x",
-            "/a/../b:/c",
-        ] {
-            assert_eq!(
-                parse_mounts(&s(bad)).unwrap_err().variable,
-                "CODER_MOUNTS",
-                "{bad}"
-            );
-        }
-    }
-
-    #[test]
-    fn env_filters_dedup() {
-        let f = parse_env_filters(&s("FOO, BAR_*,FOO,BAR_*"));
-        assert_eq!(
-            f,
-            vec![
-                EnvFilter::Exact("FOO".into()),
-                EnvFilter::Prefix("BAR_".into())
-            ]
-        );
-    }
-
-    #[test]
-    fn hostname_rules() {
-        assert_eq!(parse_hostname(&None).unwrap(), "workspace");
-        assert_eq!(parse_hostname(&s("my-ws.dev")).unwrap(), "my-ws.dev");
-        assert!(parse_hostname(&s("workspace_cvm")).is_err());
-        assert!(parse_hostname(&s("-bad")).is_err());
-    }
-
-    #[test]
-    fn shutdown_timeout() {
-        assert_eq!(
-            parse_seconds("X", &s("10")).unwrap(),
-            Some(Duration::from_secs(10))
-        );
-        assert_eq!(
-            parse_seconds("X", &s("10s")).unwrap(),
-            Some(Duration::from_secs(10))
-        );
-        assert!(parse_seconds("X", &s("soon")).is_err());
-        assert!(parse_seconds("X", &s("0")).is_err());
-    }
-
-    #[test]
     fn secret_is_masked_in_errors() {
-        let args = ImageArgs {
+        for bad in [
+            "not-json-TOPSECRET",
+            "[\"TOPSECRET\"]",
+            "{}",
+            r#"{"auths":{"r.example":{"auth":"!!TOPSECRET"}}}"#,
+            // base64 of "TOPSECRET" (no colon)
+            r#"{"auths":{"r.example":{"auth":"VE9QU0VDUkVU"}}}"#,
+        ] {
+            let args = ImageArgs {
+                image: s("busybox"),
+                pull_secret: s(bad),
+                ..Default::default()
+            };
+            let e = ImageConfig::from_args(&args, None).unwrap_err();
+            assert_eq!(e.variable, "CODER_IMAGE_PULL_SECRET", "{bad}");
+            let text = e.to_string();
+            assert!(
+                !text.contains("TOPSECRET") && !text.contains("VE9Q"),
+                "{text}"
+            );
+        }
+        let ok = ImageArgs {
             image: s("busybox"),
-            pull_secret: s("not-json-TOPSECRET"),
+            // base64 of "u:p"
+            pull_secret: s(r#"{"auths":{"r.example":{"auth":"dTpw"}}}"#),
             ..Default::default()
         };
-        let e = ImageConfig::from_args(&args, None).unwrap_err();
-        assert_eq!(e.variable, "CODER_IMAGE_PULL_SECRET");
-        assert!(!e.to_string().contains("TOPSECRET"));
+        assert!(ImageConfig::from_args(&ok, None).is_ok());
     }
 
     #[test]

@@ -52,6 +52,12 @@ fn exec(a: &ExecArgs) -> Result<Never, String> {
         .unwrap_or_default();
     env::set(&mut envv, "HOME", &user.home);
     env::set(&mut envv, "USER", &user.name);
+    for kv in &a.env {
+        match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => env::set(&mut envv, k, v),
+            _ => return Err(format!("--env {kv:?}: expected KEY=VALUE")),
+        }
+    }
     let args = if a.command.is_empty() {
         vec![if user.shell.is_empty() {
             "/bin/sh".to_string()
@@ -63,10 +69,11 @@ fn exec(a: &ExecArgs) -> Result<Never, String> {
     };
     let tty =
         rustix::termios::isatty(std::io::stdin()) && rustix::termios::isatty(std::io::stdout());
-    let cwd = if user.home.is_empty() {
-        "/".to_string()
-    } else {
-        user.home.clone()
+    let cwd = match a.workdir.as_deref().filter(|w| !w.is_empty()) {
+        Some(w) if w.starts_with('/') => w.to_string(),
+        Some(w) => return Err(format!("--workdir {w:?}: expected an absolute path")),
+        None if user.home.is_empty() => "/".to_string(),
+        None => user.home.clone(),
     };
     let process = process_spec(&user, envv, args, &cwd, tty).map_err(|e| e.to_string())?;
     // The process description carries the agent token: it goes through an anonymous memory file,

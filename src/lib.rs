@@ -6,6 +6,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod coderlog;
 pub mod config;
+pub mod docker_shim;
 pub mod exec;
 pub mod image;
 pub mod init;

@@ -2,8 +2,8 @@
 //! container. `docker` reads as the start-up sequence; each step lives in its own module.
 
 use envbox::{
-    buildlog, bundle, cgroup, cli, coderlog, config, exec, image, init, net, pid1, pod, runtime,
-    secrets, statedir, sys, teardown, workspace,
+    buildlog, bundle, cgroup, cli, coderlog, config, docker_shim, exec, image, init, net, pid1,
+    pod, runtime, secrets, statedir, sys, teardown, workspace,
 };
 
 use std::process::ExitCode;
@@ -31,6 +31,17 @@ fn main() -> ExitCode {
     if let Err(e) = pid1::signals::block_all() {
         eprintln!("envbox: cannot block signals: {e}");
         return ExitCode::from(EXIT_FAILURE);
+    }
+    // The outer image's /usr/local/bin/docker is a link to envbox (operators' `docker exec` habit).
+    if std::env::args_os()
+        .next()
+        .is_some_and(|a| docker_shim::invoked_as_docker(&a))
+    {
+        let args: Vec<String> = std::env::args_os()
+            .skip(1)
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        return docker_shim::run(&args);
     }
     let cli = Cli::parse();
     match cli.command {
@@ -124,6 +135,9 @@ fn docker(a: &cli::DockerArgs) -> ExitCode {
         image::auth::register_pull_secret(s);
     }
     init_logging(cfg.debug);
+    for w in &cfg.warnings {
+        log::warn!("{w}");
+    }
     // The pod's network is read, not changed: a bad link plan is a configuration error too.
     let plan = net::LinkPlan {
         uplink: cfg.ethlink.clone(),
@@ -396,6 +410,10 @@ fn start_workspace<'a>(
         working_dir: p.image.config.working_dir.clone(),
         stop_signal: p.image.config.stop_signal.clone(),
     };
+    log.info(bundle::init_log_line(&facts));
+    for note in bundle::mounts::read_only_owner_notes(&cfg.mounts) {
+        log.info(note);
+    }
     inner_docker_mtu(&rootfs_path, link.mtu, log);
     bundle::add_machine_id(&facts, &rootfs_path);
     let bundle_dir = cfg.state_dir.join("bundle");

@@ -93,12 +93,11 @@ pub fn plan(input: &BundleInput, pod_resolv: &str) -> BundlePlan {
         ("resolv.conf", "/etc/resolv.conf", resolv),
         ("hostname", "/etc/hostname", format!("{}\n", cfg.hostname)),
     ];
-    // Only systemd is run as the workspace's PID 1: other inits (busybox's, sysvinit) expect a
-    // console and an inittab and do not stop on a container's stop signal.
-    let (init, init_bind) = if input.facts.init == crate::image::facts::SbinInit::Systemd {
-        (WorkspaceInit::Systemd, None)
-    } else {
-        (
+    // The image's /sbin/init is PID 1 whenever it exists, as in the Go envbox, except busybox's:
+    // its default inittab starts gettys on consoles the workspace lacks, and it does not stop on the
+    // container's stop signal.
+    let (init, init_bind) = match choose_init(input.facts) {
+        WorkspaceInit::Envbox { .. } => (
             WorkspaceInit::Envbox {
                 path_inside: INIT_PATH_INSIDE.into(),
                 // The whole stop must fit CODER_SHUTDOWN_TIMEOUT; a second is left for envbox's own steps.
@@ -109,7 +108,8 @@ pub fn plan(input: &BundleInput, pod_resolv: &str) -> BundlePlan {
                 target: INIT_PATH_INSIDE.into(),
                 read_only: true,
             }),
-        )
+        ),
+        other => (other, None),
     };
     let cwd = cfg
         .work_dir
@@ -124,7 +124,7 @@ pub fn plan(input: &BundleInput, pod_resolv: &str) -> BundlePlan {
         .unwrap_or_else(|| "/".into());
     let stop_signal = match init {
         WorkspaceInit::Systemd => signals::sigrtmin_plus_3(),
-        WorkspaceInit::Envbox { .. } => input
+        WorkspaceInit::Envbox { .. } | WorkspaceInit::Image => input
             .image
             .stop_signal
             .as_deref()
@@ -235,6 +235,45 @@ pub fn apply(
         cgroups_path: plan.cgroups_path,
         notes: volume_notes,
     })
+}
+
+/// What runs as the workspace's PID 1 for an image (grace and path of envbox's init are filled in by
+/// [`plan`]).
+fn choose_init(facts: &ImageFacts) -> WorkspaceInit {
+    use crate::image::facts::SbinInit;
+    match &facts.init {
+        SbinInit::Systemd => WorkspaceInit::Systemd,
+        SbinInit::Other(target) if !is_busybox(target) => WorkspaceInit::Image,
+        _ => WorkspaceInit::Envbox {
+            path_inside: INIT_PATH_INSIDE.into(),
+            grace_secs: 0,
+        },
+    }
+}
+
+fn is_busybox(target: &str) -> bool {
+    Path::new(target)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("busybox"))
+}
+
+/// The build-log line naming the workspace's init, so that a template author can tell why their
+/// services did (not) start.
+pub fn init_log_line(facts: &ImageFacts) -> String {
+    use crate::image::facts::SbinInit;
+    match (&facts.init, choose_init(facts)) {
+        (_, WorkspaceInit::Systemd) => "Workspace init: /sbin/init (systemd)".into(),
+        (SbinInit::Other(t), WorkspaceInit::Image) if t != "/sbin/init" => {
+            format!("Workspace init: /sbin/init (the image's own, {t})")
+        }
+        (_, WorkspaceInit::Image) => "Workspace init: /sbin/init (the image's own)".into(),
+        (SbinInit::Other(t), _) => format!(
+            "Workspace init: envbox's: the image's /sbin/init is busybox's ({t}), which would start \
+             gettys and does not stop on the container's stop signal"
+        ),
+        _ => "Workspace init: envbox's (the image has no /sbin/init)".into(),
+    }
 }
 
 /// systemd needs `/etc/machine-id` to exist: without it, it stays in `starting` for minutes
@@ -478,6 +517,36 @@ mod tests {
         assert_eq!(p.stop_signal, signals::sigrtmin_plus_3());
         assert_eq!(p.cwd, "/work");
         assert_eq!(p.warnings.len(), 1, "the DNS fallback is said once");
+    }
+
+    #[test]
+    fn any_sbin_init_but_busybox_is_pid_1() {
+        use crate::image::facts::SbinInit;
+        assert_eq!(
+            choose_init(&facts(SbinInit::Systemd)),
+            WorkspaceInit::Systemd
+        );
+        for own in [
+            "/sbin/init",
+            "/usr/bin/tini",
+            "/package/admin/s6/command/s6-svscan",
+        ] {
+            assert_eq!(
+                choose_init(&facts(SbinInit::Other(own.into()))),
+                WorkspaceInit::Image,
+                "{own}"
+            );
+            assert!(init_log_line(&facts(SbinInit::Other(own.into())))
+                .starts_with("Workspace init: /sbin/init (the image's own"));
+        }
+        for envbox in [SbinInit::Missing, SbinInit::Other("/bin/busybox".into())] {
+            assert!(matches!(
+                choose_init(&facts(envbox.clone())),
+                WorkspaceInit::Envbox { .. }
+            ));
+            assert!(init_log_line(&facts(envbox)).starts_with("Workspace init: envbox's"));
+        }
+        assert!(init_log_line(&facts(SbinInit::Other("/bin/busybox".into()))).contains("busybox"));
     }
 
     #[test]

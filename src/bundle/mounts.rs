@@ -247,6 +247,34 @@ fn shift_tree(kernel: &dyn Kernel, top: &Path, dev: u64) -> std::io::Result<usiz
     Ok(changed)
 }
 
+/// Read-only sources are left as they are (see the module comment), so their files keep their owner
+/// on disk, and one outside the workspace's id range shows as `nobody` inside. The Go envbox hid
+/// that by chowning the source to 100000; here the build log says it, once per such mount, with
+/// what to do. (An id-mapped bind would fix it where kernel and filesystem allow; not done yet.)
+pub fn read_only_owner_notes(user_mounts: &[MountSpec]) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let range = ID_MAP_HOST_START..ID_MAP_HOST_START + crate::bundle::spec::ID_MAP_SIZE;
+    user_mounts
+        .iter()
+        .filter(|m| m.read_only)
+        .filter_map(|m| {
+            let md = std::fs::metadata(&m.source).ok()?;
+            (!range.contains(&md.uid())).then(|| {
+                format!(
+                    "Read-only mount {} -> {}: its files appear as nobody inside (owner uid {} is outside \
+                     the workspace's ids {}-{}); envbox leaves read-only sources untouched. To own them \
+                     inside, give them owner 100000+uid on the volume",
+                    m.source.display(),
+                    m.target.display(),
+                    md.uid(),
+                    range.start,
+                    range.end - 1
+                )
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,6 +485,34 @@ mod tests {
         }
         prepare_volumes(&k, &default_volume(&v), VolumeShift::Shift).unwrap();
         assert_eq!(chowns(&k), vec![(v, 100000)]);
+    }
+
+    #[test]
+    fn read_only_sources_owned_outside_the_id_range_get_a_note() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        let m = |src: &Path, ro: bool| MountSpec {
+            source: src.to_path_buf(),
+            target: "/data".into(),
+            read_only: ro,
+        };
+        let uid = std::fs::metadata(&outside).unwrap().uid();
+        let in_range = (ID_MAP_HOST_START..ID_MAP_HOST_START + 65_536).contains(&uid);
+        let notes = read_only_owner_notes(&[m(&outside, true), m(&outside, false)]);
+        // Run as an ordinary user or root, the test's files are owned outside 100000-165535.
+        assert!(!in_range);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].contains("nobody") && notes[0].contains("/data"),
+            "{}",
+            notes[0]
+        );
+        if rustix::process::geteuid().is_root() {
+            rustix::fs::chown(&outside, Some(rustix::fs::Uid::from_raw(101_000)), None).unwrap();
+            assert!(read_only_owner_notes(&[m(&outside, true)]).is_empty());
+        }
     }
 
     #[test]

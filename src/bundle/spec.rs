@@ -119,6 +119,9 @@ pub const FUSE: DeviceNode = DeviceNode {
 pub enum WorkspaceInit {
     /// The image's systemd; sysbox recognises it only by this exact `args[0]`.
     Systemd,
+    /// The image's own `/sbin/init` that is not systemd (s6-overlay, tini, openrc, a script): the Go
+    /// envbox ran it as PID 1, and such images depend on it to start their services.
+    Image,
     /// envbox's own reaper, bind-mounted read-only at this path inside the workspace.
     /// `grace`: how long it lets the workspace's processes finish after forwarding a stop signal.
     Envbox {
@@ -130,7 +133,7 @@ pub enum WorkspaceInit {
 impl WorkspaceInit {
     pub fn args(&self) -> Vec<String> {
         match self {
-            WorkspaceInit::Systemd => vec!["/sbin/init".into()],
+            WorkspaceInit::Systemd | WorkspaceInit::Image => vec!["/sbin/init".into()],
             WorkspaceInit::Envbox {
                 path_inside,
                 grace_secs,
@@ -573,6 +576,19 @@ mod tests {
             .unwrap()
             .iter()
             .any(|o| o == "nodev"));
+    }
+
+    #[test]
+    fn an_image_init_is_run_as_is_without_systemd_extras() {
+        let mut ws = sample();
+        ws.init = WorkspaceInit::Image;
+        let v = serde_json::to_value(build(&ws).unwrap()).unwrap();
+        assert_eq!(v["process"]["args"], serde_json::json!(["/sbin/init"]));
+        assert!(!v["process"]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e == "container=envbox"));
     }
 
     #[test]

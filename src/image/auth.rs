@@ -256,6 +256,39 @@ pub fn resolve(
     )
 }
 
+/// The checks [`resolve`] makes on a pull secret that do not depend on the registry, for the
+/// configuration stage: a JSON object with usable credentials, and no `auths` entry whose `auth` (the
+/// credential that entry would use) is not base64 of `user:password`. The reason never quotes the
+/// secret; registry keys are named (they are host names, not secrets).
+pub fn check_pull_secret(text: &str) -> Result<(), String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(());
+    }
+    let shape = "expected the JSON content of a .dockerconfigjson secret: \
+                 {\"auths\":{\"<registry>\":{\"auth\":\"<base64 user:password>\"}}}";
+    let cfg = parse_config(text).map_err(|why| format!("{why}; {shape}"))?;
+    for (key, entry) in &cfg.auths {
+        let set = |v: &Option<String>| matches!(v.as_deref(), Some(x) if !x.trim().is_empty());
+        // The entry's own precedence: identitytoken, then username+password, then auth.
+        let other_credentials =
+            set(&entry.identitytoken) || (set(&entry.username) && set(&entry.password));
+        let uses_auth = !other_credentials && set(&entry.auth);
+        if uses_auth {
+            if let Err(why) = entry_credentials(entry) {
+                return Err(format!("auths entry {key:?}: {why}; {shape}"));
+            }
+        }
+    }
+    if !cfg.has_any_source() {
+        return Err(format!(
+            "it holds no credentials ({}); {shape}",
+            cfg.describe_entries()
+        ));
+    }
+    Ok(())
+}
+
 /// [`resolve`] with an explicit credential-helper runner.
 pub fn resolve_with(
     registry: &str,

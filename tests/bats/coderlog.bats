@@ -246,3 +246,49 @@ assert_delay_below() {
   assert_delay_below "$STOP_SECONDS" "$base_stop" 1 "SIGTERM to exit with a hanging Coder"
   refute_contains "$(<"$BATS_TEST_TMPDIR/hang.log")" "$CODER_TOKEN" "envbox log"
 }
+
+# --- issue 17: the Go suite's SelfSignedCerts (old Coder, PATCH only) and InvalidCoderCert ------------
+
+@test "a Coder without the log-source endpoint (404) gets the start-up lines through PATCH logs alone" {
+  coder_start nosource
+  local env
+  mapfile -t env < <(coder_env)
+  pod_create oldcoder
+  pod_start oldcoder "${env[@]}"
+  pod_wait_ready 90
+  ebx_wait_for 15 grep -q 'Envbox startup complete!' "$CODER_RECORD" || {
+    pod_print_log
+    cat "$CODER_RECORD" >&2
+    fail "'Envbox startup complete!' did not reach an old Coder"
+  }
+  # Only PATCHes were accepted, all under the nil ("External") source.
+  run jq -r '.method + " " + .path' "$CODER_RECORD"
+  assert_equal "$(sort -u <<<"$output")" "PATCH $LOGS_PATH" "requests the old Coder accepted"
+  run jq -r '.body.log_source_id' "$CODER_RECORD"
+  assert_equal "$(sort -u <<<"$output")" 00000000-0000-0000-0000-000000000000 "log source ids"
+  assert_contains "$(coder_outputs)" '"Envbox startup complete!"' "Coder lines"
+  refute_contains "$(<"$POD_DIR/envbox.log")" "$CODER_TOKEN" "envbox log"
+}
+
+@test "a Coder whose certificate is not trusted: start-up unaffected, nothing sent, one warning" {
+  coder_start ok
+  # CODER_EXTRA_CERTS_PATH trusts the registry only, not the fake Coder's self-signed certificate.
+  boot_measured base "CODER_EXTRA_CERTS_PATH=$EBX_REG_CA" 'CODER_BOOTSTRAP_SCRIPT=exec sleep 1000'
+  local base=$BOOT_SECONDS
+  pod_create untrusted
+  pod_start untrusted CODER_SHUTDOWN_TIMEOUT=10 "CODER_AGENT_URL=$CODER_URL" "CODER_AGENT_TOKEN=$CODER_TOKEN" \
+    "CODER_EXTRA_CERTS_PATH=$EBX_REG_CA" 'CODER_BOOTSTRAP_SCRIPT=exec sleep 1000'
+  pod_wait_ready 90
+  assert_delay_below "$(started_seconds)" "$base" 1 "start-up with an untrusted Coder certificate"
+  run pod_ws echo hello
+  assert_status 0
+  assert_equal "$output" hello "echo hello in the workspace"
+  sleep 1
+  assert_equal "$(grep -c . "$CODER_RECORD" || true)" 0 "requests Coder accepted"
+  local warnings
+  warnings=$(grep -i 'warn' "$POD_DIR/envbox.log" | grep -i 'coder log' || true)
+  assert_equal "$(grep -c . <<<"$warnings")" 1 "coder log warnings: $warnings"
+  assert_contains "$warnings" "not trusted" "the warning"
+  assert_contains "$warnings" "CODER_EXTRA_CERTS_PATH" "what to do"
+  refute_contains "$(<"$POD_DIR/envbox.log")" "$CODER_TOKEN" "envbox log"
+}

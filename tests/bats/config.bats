@@ -142,3 +142,103 @@ assert_help_lists_all_vars() {
   refute_contains "$output" "$secret" "stdout"
   refute_contains "$stderr" "$secret" "stderr"
 }
+
+# --- issue 17: what the Go envbox accepted is accepted (or refused with a reason) ---------------------
+
+# refute_config_rejects VAR VALUE: the value passes validation. In this empty network namespace envbox
+# then stops at the missing eth0 (or later), but never on VAR.
+refute_config_rejects() {
+  local var=$1 value=$2
+  run_envbox_docker "$var=$value"
+  if [[ $stderr == *"$var"* ]]; then
+    show_run
+    fail "$var=$value was rejected"
+  fi
+}
+
+@test "booleans take every form of Go's strconv.ParseBool (t, T, f, F, TRUE, False, ...)" {
+  local v
+  for v in 1 t T TRUE true True 0 f F FALSE false False; do
+    refute_config_rejects CODER_ADD_TUN "$v"
+  done
+  run_envbox_docker CODER_ADD_FUSE=yes
+  assert_status 2
+  assert_contains "$stderr" "t, T, TRUE" "the accepted forms in the error"
+}
+
+@test "every flag of the Go envbox's CLI is accepted; the ones without effect say so in --help" {
+  run "$ENVBOX_BIN" docker --image x --username coder --agent-token t --coder-url https://c.example \
+    --envs A,B --work-dir /w --hostname h --image-secret '{}' --bridge-cidr 172.19.0.1/30 \
+    --boostrap-script 'echo' --mounts /a:/b --usr-lib-dir /u --inner-usr-lib-dir /v \
+    --docker-config /c.json --add-tun --add-fuse=true --add-gpu=false --cpus 1 --memory 1073741824 \
+    --disable-idmapped-mount --extra-certs-path /e --debug --no-startup-log --ethlink eth0 --help
+  assert_status 0
+  local help=$output
+  assert_contains "$help" "--no-startup-log" "help"
+  # The no-op flags are marked as such in their help line.
+  grep -A3 -e '--no-startup-log' <<<"$help" | grep -qi 'no effect' ||
+    fail "--no-startup-log's help does not say it has no effect: $(grep -A3 -e '--no-startup-log' <<<"$help")"
+}
+
+@test "a CODER_MOUNTS option other than ro/rw is read-write, as in the Go envbox, with a warning" {
+  mkdir -p "$BATS_TEST_TMPDIR/src"
+  run_envbox_docker "CODER_MOUNTS=$BATS_TEST_TMPDIR/src:/data:rx"
+  if [[ $stderr == *"invalid CODER_MOUNTS"* ]]; then
+    show_run
+    fail "CODER_MOUNTS with option rx was rejected"
+  fi
+  grep -i 'warn' <<<"$stderr" | grep -F 'CODER_MOUNTS' | grep -F '"rx"' | grep -qi 'read-write' ||
+    { show_run; fail "no warning naming CODER_MOUNTS, the option and read-write"; }
+}
+
+@test "CODER_INNER_HOSTNAME with underscores (Coder workspace names) is accepted" {
+  refute_config_rejects CODER_INNER_HOSTNAME my_work_space
+  refute_config_rejects CODER_INNER_HOSTNAME Dev_Box-1
+}
+
+@test "a CODER_INNER_HOSTNAME the kernel cannot take is refused with the reason" {
+  assert_config_error CODER_INNER_HOSTNAME "$(printf 'a%.0s' {1..65})"
+  assert_contains "$stderr" "64" "the reason (the kernel's limit)"
+  assert_config_error CODER_INNER_HOSTNAME "my host"
+  assert_contains "$stderr" "'_'" "the accepted characters"
+}
+
+@test "CODER_AGENT_URL forms Go accepted work; a URL without a scheme is refused saying why" {
+  refute_config_rejects CODER_AGENT_URL HTTPS://coder.example.com
+  refute_config_rejects CODER_AGENT_URL https://coder.example.com:8443/prefix/
+  assert_config_error CODER_AGENT_URL coder.example.com
+  assert_contains "$stderr" "scheme" "the reason"
+}
+
+@test "a relative CODER_INNER_WORK_DIR is refused saying why it cannot work" {
+  assert_config_error CODER_INNER_WORK_DIR project
+  assert_contains "$stderr" "relative" "the reason"
+}
+
+# --- issue 17: the pull secret is checked with the rest of the configuration ------------------------
+
+@test "a pull secret that is not JSON exits 2 before anything is created, without echoing it" {
+  assert_config_error CODER_IMAGE_PULL_SECRET 'SECRET-NOT-JSON-44'
+  refute_contains "$stderr" "SECRET-NOT-JSON-44" "stderr"
+}
+
+@test "a pull secret that is not a JSON object exits 2 before anything is created" {
+  assert_config_error CODER_IMAGE_PULL_SECRET '["SECRET-ARRAY-45"]'
+  refute_contains "$stderr" "SECRET-ARRAY-45" "stderr"
+}
+
+@test "a pull secret without auths exits 2 before anything is created" {
+  assert_config_error CODER_IMAGE_PULL_SECRET '{}'
+  assert_contains "$stderr" "auths" "what is expected"
+}
+
+@test "a pull secret whose auth is not base64 of user:password exits 2, without echoing it" {
+  local secret='!!not-base64-SECRET-PULL-VALUE-46'
+  assert_config_error CODER_IMAGE_PULL_SECRET "{\"auths\":{\"203.0.113.1:5000\":{\"auth\":\"$secret\"}}}"
+  refute_contains "$stderr" "$secret" "stderr"
+  local nocolon
+  nocolon=$(printf 'SECRET-NO-COLON-47' | base64)
+  assert_config_error CODER_IMAGE_PULL_SECRET "{\"auths\":{\"203.0.113.1:5000\":{\"auth\":\"$nocolon\"}}}"
+  refute_contains "$stderr" "SECRET-NO-COLON-47" "stderr"
+  refute_contains "$stderr" "$nocolon" "stderr"
+}

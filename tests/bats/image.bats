@@ -79,10 +79,16 @@ build_ok() {
     [[ -d $ROOT$d ]] || fail "missing directory $d"
   done
   # Left out: package manager, container engine, and (SYSBOX_FROM=none) sysbox itself.
-  for tool in apt apt-get dpkg perl dockerd docker containerd sysbox-runc sysbox-mgr sysbox-fs; do
+  for tool in apt apt-get dpkg perl dockerd containerd sysbox-runc sysbox-mgr sysbox-fs; do
     # dash's `command -v` exits 127 for a command it cannot find.
     run -127 chroot "$ROOT" /bin/sh -c "command -v $tool"
   done
+  # `docker` is envbox's shim (operators' `docker exec … workspace_cvm` habit), not a Docker client.
+  assert_equal "$(readlink "$ROOT/usr/local/bin/docker")" /envbox "the docker shim"
+  run chroot "$ROOT" /bin/sh -c 'docker info'
+  assert_status 1
+  assert_equal "$(grep -c . <<<"$output")" 1 "lines of 'docker info'"
+  assert_contains "$output" "no dockerd" "docker info"
   [[ ! -e $ROOT/var/lib/apt && ! -e $ROOT/etc/apt && ! -e $ROOT/var/cache/apt ]] || fail "apt state left in the image"
   [[ -s $ROOT/var/lib/dpkg/status ]] || fail "dpkg status (for image scanners) missing"
   run img_buildah inspect --type image --format '{{index .OCIv1.Config.Labels "org.opencontainers.image.title"}} {{index .OCIv1.Config.Labels "org.opencontainers.image.licenses"}}' "$IMG_REF"
@@ -158,5 +164,10 @@ build_ok() {
 
 @test "deploy/: the Kubernetes manifest and the Coder template are consistent and complete" {
   run python3 "$EBX_REPO_ROOT/tests/lib/check_deploy.py" "$EBX_REPO_ROOT/deploy"
+  assert_status 0
+}
+
+@test "Containerfile: sysbox 0.7.1 is the default (0.7.0 has the sysbox-fs deadlock upstream moved away from)" {
+  run grep -x 'ARG SYSBOX_VERSION=0.7.1' "$EBX_REPO_ROOT/Containerfile"
   assert_status 0
 }

@@ -423,3 +423,102 @@ exec sleep 1000'
   assert_equal "$POD_EXIT_STATUS" 0 "exit status after SIGTERM"
   assert_stopped_cleanly
 }
+
+# --- issue 17 ---------------------------------------------------------------------------------------
+
+@test "CODER_AGENT_SUBSYSTEM of the pod is merged into the workspace's as envbox,<theirs> without CODER_INNER_ENVS" {
+  pod_start ws CODER_AGENT_SUBSYSTEM=exectrace
+  pod_wait_ready 120
+  local init_env
+  init_env=$(pod_environ "$(pod_workspace_pid)")
+  has_line "$init_env" CODER_AGENT_SUBSYSTEM=envbox,exectrace "the workspace init's environment"
+}
+
+@test "a CODER_INNER_HOSTNAME with underscores (a Coder workspace name) is the workspace's hostname" {
+  pod_start ws CODER_INNER_HOSTNAME=my_work_space
+  pod_wait_ready 120
+  run pod_ws hostname
+  assert_status 0
+  assert_equal "$output" my_work_space "hostname inside"
+}
+
+@test "an image's own /sbin/init (not systemd, not busybox) is the workspace's PID 1 and the build log names it" {
+  push_image_once own-init test/own-init:1
+  pod_start ws "CODER_INNER_IMAGE=$EBX_REGISTRY/test/own-init:1" CODER_INNER_USERNAME=root -CODER_MOUNTS
+  pod_wait_ready 120
+  local cmdline
+  cmdline=$(pod_exec cat "/proc/$(pod_workspace_pid)/cmdline" | tr '\0' ' ')
+  assert_contains "$cmdline" "/sbin/init" "PID 1's command line"
+  refute_contains "$cmdline" "envbox" "PID 1's command line"
+  ebx_wait_for 10 pod_ws sh -c 'test -s /run/own-init' || fail "the image's init did not run"
+  assert_contains "$(pod_ws cat /run/own-init)" "own-init pid 1" "what the image's init wrote"
+  assert_contains "$(pod_log_lines info | jq -r .output)" "init: /sbin/init" "info lines"
+  pod_stop TERM 30
+  assert_equal "$POD_EXIT_STATUS" 0 "exit status after SIGTERM"
+}
+
+@test "busybox's /sbin/init stays the exception: envbox's init is PID 1 and the build log says why" {
+  pod_start ws
+  pod_wait_ready 120
+  assert_contains "$(pod_exec cat "/proc/$(pod_workspace_pid)/cmdline" | tr '\0' ' ')" "init --grace" \
+    "PID 1's command line"
+  assert_contains "$(pod_log_lines info | jq -r .output)" "busybox" "info lines naming the init"
+}
+
+@test "the docker shim maps docker exec/ps/logs onto envbox and answers other commands in one line" {
+  pod_start ws
+  pod_wait_ready 120
+  # The outer image installs the shim as /usr/local/bin/docker, a link to /envbox (argv[0] dispatch).
+  local docker=$BATS_TEST_TMPDIR/bin/docker
+  mkdir -p "${docker%/*}"
+  ln -s "$ENVBOX_BIN" "$docker"
+  local st="CODER_STATE_DIR=$POD_DIR/state"
+  # shellcheck disable=SC2016 # expanded by the workspace's shell
+  run pod_exec env "$st" "$docker" exec -i -u root -w /tmp -e FOO=bar -e 'BAZ=a=b' workspace_cvm \
+    sh -c 'id -u; pwd; echo "$FOO $BAZ"'
+  assert_status 0
+  assert_equal "$output" "0"$'\n'"/tmp"$'\n'"bar a=b" "docker exec -u root -w /tmp -e ..."
+  # As with the Go envbox's container, docker exec runs as root unless -u says otherwise.
+  run pod_exec env "$st" "$docker" exec -it workspace_cvm id -u
+  assert_status 0
+  assert_equal "$output" 0 "docker exec -it as the default user (root)"
+  run pod_exec env "$st" "$docker" exec --user=coder workspace_cvm id -u
+  assert_status 0
+  assert_equal "$output" 1000 "docker exec --user=coder"
+  # Exit statuses come through.
+  run pod_exec env "$st" "$docker" exec workspace_cvm sh -c 'exit 7'
+  assert_status 7
+  run pod_exec env "$st" "$docker" ps
+  assert_status 0
+  assert_contains "$output" workspace_cvm "docker ps"
+  run pod_exec env "$st" "$docker" logs workspace_cvm
+  assert_contains "$output" "kubectl logs" "docker logs"
+  # Anything else: one line saying there is no dockerd and what to use instead.
+  local cmd
+  for cmd in "run --rm hello-world" "exec other_container true" "info" ""; do
+    # shellcheck disable=SC2086 # split on purpose
+    run --separate-stderr pod_exec env "$st" "$docker" $cmd
+    assert_nonzero_status
+    assert_equal "$(grep -c . <<<"$stderr$output")" 1 "lines for 'docker $cmd'"
+    assert_contains "$stderr" "no dockerd" "docker $cmd"
+    assert_contains "$stderr" "envbox exec" "docker $cmd"
+  done
+}
+
+@test "a read-only mount owned outside the workspace's ids is left as is and the build log says it appears as nobody" {
+  local ro=$POD_DIR/volumes/ro-data mapped=$POD_DIR/volumes/ro-mapped
+  mkdir -p "$ro" "$mapped"
+  echo x >"$ro/f"
+  chown 101000:101000 "$mapped"
+  pod_start ws "CODER_MOUNTS=$POD_DIR/volumes/home:/home/coder,$ro:/data:ro,$mapped:/mapped:ro"
+  pod_wait_ready 120
+  local info
+  info=$(pod_log_lines info | jq -r .output)
+  grep -F "$ro" <<<"$info" | grep -F /data | grep -q nobody ||
+    fail "no build-log line saying the files of $ro (/data) appear as nobody. Info lines:"$'\n'"$info"
+  refute_contains "$info" "$mapped" "info lines (its owner is inside the workspace's ids)"
+  run pod_ws stat -c %u /data/f
+  assert_status 0
+  assert_equal "$output" 65534 "owner of /data/f inside"
+  assert_equal "$(stat -c %u:%g "$ro" "$ro/f" | sort -u)" 0:0 "owner of the read-only source outside"
+}

@@ -319,9 +319,21 @@ def check_template(path, manifest):
     except ValueError as e:
         problem(f"{path}: HCL: {e}")
         return
-    pods = blocks(items, "resource", "kubernetes_pod")
+    # The Coder registry's current kubernetes-envbox template uses the kubernetes provider's v1
+    # resources (the unversioned ones are deprecated).
+    for old in ("kubernetes_pod", "kubernetes_persistent_volume_claim"):
+        if blocks(items, "resource", old):
+            problem(f"{path}: resource {old} is deprecated; use {old}_v1 as the registry's template does")
+    if len(blocks(items, "resource", "kubernetes_persistent_volume_claim_v1")) != 1:
+        problem(f"{path}: expected one kubernetes_persistent_volume_claim_v1 resource (the home PVC)")
+    # arm64 nodes: the agent's architecture must not be fixed to one.
+    for agent in blocks(items, "resource", "coder_agent"):
+        arch = attr(agent[2], "arch")
+        if arch is None or arch.startswith('"'):
+            problem(f"{path}: coder_agent arch is {arch}: take it from data.coder_provisioner, not a literal")
+    pods = blocks(items, "resource", "kubernetes_pod_v1")
     if len(pods) != 1:
-        problem(f"{path}: expected one kubernetes_pod resource, found {len(pods)}")
+        problem(f"{path}: expected one kubernetes_pod_v1 resource, found {len(pods)}")
         return
     spec = blocks(pods[0][2], "spec")[0][2]
     if attr(spec, "restart_policy") != '"Never"':

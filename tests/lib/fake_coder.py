@@ -12,11 +12,12 @@ registered (other than the nil UUID, Coder's "External" source) is 400, more tha
 total is 413. Every accepted request is appended to --record as one JSON line:
   {"time": <unix seconds>, "method": "PATCH", "path": "...", "body": {...}}
 
-Modes: ok (the above), 401 (every authenticated request is rejected), hang (TCP connections are accepted
+Modes: ok (the above), nosource (a Coder from before log sources: POST log-source is 404, logs go
+under the nil "External" source), 401 (every authenticated request is rejected), hang (TCP connections are accepted
 and never answered, not even the TLS handshake), down (nothing listens: connections are refused).
 
 Usage: fake_coder.py --listen ADDR:PORT --cert PEM --key PEM --token TOKEN --record FILE
-                     [--mode ok|401|hang|down] [--ready FILE]
+                     [--mode ok|nosource|401|hang|down] [--ready FILE]
 --ready is written (with the pid) once the server accepts connections, in every mode.
 Python 3 standard library only.
 """
@@ -157,7 +158,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.error(404, "Route not found.")
 
     def do_POST(self):
-        if self.path != "/api/v2/workspaceagents/me/log-source":
+        if self.path != "/api/v2/workspaceagents/me/log-source" or self.state.mode == "nosource":
             self.error(404, "Route not found.")
             return
         if not self.authorized():
@@ -244,7 +245,7 @@ def main():
     p.add_argument("--key", required=True)
     p.add_argument("--token", required=True)
     p.add_argument("--record", required=True)
-    p.add_argument("--mode", choices=["ok", "401", "hang", "down"], default="ok")
+    p.add_argument("--mode", choices=["ok", "nosource", "401", "hang", "down"], default="ok")
     p.add_argument("--ready")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
