@@ -167,6 +167,21 @@ build_ok() {
   assert_status 0
 }
 
+@test "deploy/kubernetes: every manifest is valid against the schemas of Kubernetes 1.30 to 1.35 (strict)" {
+  local v f
+  for v in 1.30.0 1.31.0 1.32.0 1.33.0 1.34.0 1.35.0; do
+    for f in "$EBX_REPO_ROOT"/deploy/kubernetes/*.yaml; do
+      run ebx_kubernetes_validate --strict --quiet -k "$v" "$f"
+      assert_status 0
+    done
+  done
+  # The validator itself must refuse a misspelt field, or this test proves nothing.
+  sed 's/terminationGracePeriodSeconds:/terminationGracePeriodSecond:/' \
+    "$EBX_REPO_ROOT/deploy/kubernetes/workspace.yaml" >"$BATS_TEST_TMPDIR/typo.yaml"
+  run ebx_kubernetes_validate --strict --quiet -k 1.33.0 "$BATS_TEST_TMPDIR/typo.yaml"
+  assert_nonzero_status
+}
+
 @test "Containerfile: sysbox 0.7.1 is the default (0.7.0 has the sysbox-fs deadlock upstream moved away from)" {
   run grep -x 'ARG SYSBOX_VERSION=0.7.1' "$EBX_REPO_ROOT/Containerfile"
   assert_status 0

@@ -12,6 +12,7 @@ EBX_PACKAGES=(
   runc crun skopeo umoci docker-registry docker.io containerd iptables nftables fuse-overlayfs
   busybox-static uidmap jq apache2-utils openssl debootstrap iproute2 procps curl ca-certificates
   bats hyperfine bc strace python3 util-linux coreutils buildah python3-yaml libcap2-bin tar
+  python3-venv
 )
 # The cgroup v2 VM tier (tests/vm/run): qemu, Debian's cloud kernel, what builds the guest's disk, and the
 # guest's own programs beyond EBX_PACKAGES. Optional: where they cannot be installed the tier is skipped
@@ -46,6 +47,22 @@ ebx_install_packages() {
   ebx_log "packages: installing ${missing[*]}"
   apt-get update -q </dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${pkgs[@]}" </dev/null
+}
+
+# Kubernetes' own schemas, offline: PyPI's kubernetes-validate (it ships the OpenAPI schemas of every
+# supported Kubernetes version) in a venv of Debian's python3 under EBX_CACHE_ROOT, made once per machine.
+EBX_KUBERNETES_VALIDATE_VERSION=1.37.0
+ebx_kubernetes_validate() {
+  local venv=$EBX_CACHE_ROOT/venv-kubernetes-validate-$EBX_KUBERNETES_VALIDATE_VERSION
+  if [[ ! -x $venv/bin/kubernetes-validate ]]; then
+    rm -rf "$venv"
+    if ! { /usr/bin/python3 -m venv "$venv" &&
+      "$venv/bin/pip" install -q "kubernetes-validate==$EBX_KUBERNETES_VALIDATE_VERSION" </dev/null; } >&2; then
+      rm -rf "$venv"
+      return 1
+    fi
+  fi
+  "$venv/bin/kubernetes-validate" "$@"
 }
 
 # Puts a rustup toolchain on PATH when the shell did not inherit one (CI runs `bash .ci/run` without a login shell).
