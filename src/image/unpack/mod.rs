@@ -72,6 +72,7 @@ mod resolve;
 mod tests;
 
 use pipeline::*;
+pub(crate) use resolve::open_in_root;
 
 /// Size of the buffer file contents are copied through (reused for all entries).
 const COPY_BUFFER: usize = 256 * 1024;

@@ -62,7 +62,7 @@ pub(super) fn resolve_how() -> ResolveFlags {
 }
 
 /// `openat2` inside `root`, retrying the rare `EAGAIN` a concurrent rename causes.
-pub(super) fn open_in_root(
+pub(crate) fn open_in_root(
     root: BorrowedFd<'_>,
     path: &[u8],
     flags: OFlags,
