@@ -64,6 +64,8 @@ use std::path::{Path, PathBuf};
 use crate::image::tarstream::Limits;
 
 mod apply;
+#[cfg(test)]
+mod fuzz;
 mod meta;
 mod overlay;
 mod pipeline;
