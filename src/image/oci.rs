@@ -12,9 +12,8 @@ pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub(crate) const MT_DOCKER_SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1+json";
-pub(crate) const MT_DOCKER_SCHEMA1_SIGNED: &str =
-    "application/vnd.docker.distribution.manifest.v1+prettyjws";
+const MT_DOCKER_SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1+json";
+const MT_DOCKER_SCHEMA1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
 pub(crate) const MT_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub(crate) const MT_DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 
@@ -71,7 +70,7 @@ pub(crate) struct RawDescriptor {
     #[serde(default)]
     pub(crate) platform: Option<RawPlatform>,
     #[serde(default)]
-    pub(crate) urls: Option<Vec<String>>,
+    urls: Option<Vec<String>>,
     #[serde(default)]
     pub(crate) annotations: Option<BTreeMap<String, String>>,
 }
@@ -89,7 +88,7 @@ pub(crate) struct RawPlatform {
 #[derive(Debug, Deserialize)]
 pub(crate) struct RawManifest {
     #[serde(rename = "schemaVersion", default)]
-    pub(crate) schema_version: Option<i64>,
+    schema_version: Option<i64>,
     #[serde(rename = "mediaType", default)]
     pub(crate) media_type: Option<String>,
     #[serde(default)]
@@ -162,7 +161,7 @@ impl std::fmt::Display for Platform {
 }
 
 /// The default variant of an architecture, which an index may omit.
-pub(crate) fn default_variant(arch: &str) -> Option<&'static str> {
+fn default_variant(arch: &str) -> Option<&'static str> {
     match arch {
         "arm64" => Some("v8"),
         "arm" => Some("v7"),
@@ -281,10 +280,7 @@ pub(crate) fn parse_manifest(
     }
 }
 
-pub(crate) fn image_parts(
-    raw: RawManifest,
-    reference: &str,
-) -> Result<ParsedManifest, RegistryError> {
+fn image_parts(raw: RawManifest, reference: &str) -> Result<ParsedManifest, RegistryError> {
     let config = raw.config.ok_or_else(|| RegistryError::InvalidManifest {
         reference: reference.to_string(),
         reason: "image manifest has no config".into(),

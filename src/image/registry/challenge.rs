@@ -83,7 +83,7 @@ pub fn parse_www_authenticate(header: &str) -> Vec<Challenge> {
 }
 
 /// `=` followed only by more `=` and then the end or a comma: token68 padding, not a parameter.
-pub(super) fn token68_tail(rest: &[u8]) -> bool {
+fn token68_tail(rest: &[u8]) -> bool {
     let mut j = 0;
     while j < rest.len() && rest[j] == b'=' {
         j += 1;

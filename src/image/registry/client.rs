@@ -141,7 +141,7 @@ impl RegistryClient {
         format!("{scheme}://{}", self.image.api_host())
     }
 
-    pub(super) fn repo_path(&self, kind: &str, reference: &str) -> String {
+    fn repo_path(&self, kind: &str, reference: &str) -> String {
         format!("/v2/{}/{kind}/{reference}", self.image.repository)
     }
 
@@ -187,7 +187,7 @@ impl RegistryClient {
         Ok(header(&resp, "docker-content-digest").filter(|d| validate_digest(d).is_ok()))
     }
 
-    pub(super) fn resolve(
+    fn resolve(
         &self,
         top: Option<&str>,
         store: Option<&BlobStore>,
@@ -303,14 +303,14 @@ impl RegistryClient {
         })
     }
 
-    pub(super) fn offline_missing(&self, digest: &str) -> RegistryError {
+    fn offline_missing(&self, digest: &str) -> RegistryError {
         RegistryError::InvalidManifest {
             reference: self.image.to_string(),
             reason: format!("{digest} is not in the local cache and the registry is unreachable"),
         }
     }
 
-    pub(super) fn manifest_by_digest(
+    fn manifest_by_digest(
         &self,
         digest: &str,
         store: Option<&BlobStore>,
@@ -332,7 +332,7 @@ impl RegistryClient {
     }
 
     /// GET a manifest by tag or digest; returns bytes, verified digest, content type.
-    pub(super) fn get_manifest(
+    fn get_manifest(
         &self,
         reference: &str,
     ) -> Result<(Vec<u8>, String, Option<String>), RegistryError> {
@@ -383,7 +383,7 @@ impl RegistryClient {
 
     /// Fetch a small blob into `store` under its per-blob lock, so that concurrent pulls of one
     /// image (threads or processes) download it once; the others read what the first stored.
-    pub(super) fn small_blob_via_store(
+    fn small_blob_via_store(
         &self,
         store: &BlobStore,
         digest: &str,
@@ -412,7 +412,7 @@ impl RegistryClient {
         }
     }
 
-    pub(super) fn get_small_blob(&self, digest: &str, size: u64) -> Result<Vec<u8>, RegistryError> {
+    fn get_small_blob(&self, digest: &str, size: u64) -> Result<Vec<u8>, RegistryError> {
         if size > MAX_CONFIG_BYTES {
             return Err(RegistryError::InvalidManifest {
                 reference: self.image.to_string(),
@@ -600,7 +600,7 @@ impl RegistryClient {
     /// A 416, or a 206 for other bytes than asked: start the blob over, but count it against the
     /// retry budget (a server that always answers so would otherwise be asked forever) and give a
     /// stop request its chance.
-    pub(super) fn restart_after_bad_answer(
+    fn restart_after_bad_answer(
         &self,
         retry: &mut Retry,
         dest: &mut BlobWriter,

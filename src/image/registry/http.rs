@@ -42,7 +42,7 @@ pub(super) struct Retry<'a> {
     pub(super) policy: &'a RetryPolicy,
     pub(super) start: Instant,
     pub(super) attempts: u32,
-    pub(super) total_attempts: u32,
+    total_attempts: u32,
 }
 
 impl<'a> Retry<'a> {
@@ -94,7 +94,7 @@ impl<'a> Retry<'a> {
     }
 }
 
-pub(super) fn jitter(max: Duration) -> Duration {
+fn jitter(max: Duration) -> Duration {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
@@ -176,7 +176,7 @@ impl RegistryClient {
         }
     }
 
-    pub(super) fn auth_detail(&self) -> String {
+    fn auth_detail(&self) -> String {
         match self.credentials {
             Credentials::Anonymous => ": no credentials were configured for it".into(),
             ref c => format!(": the registry rejected {}", c.kind()),
@@ -273,11 +273,7 @@ impl RegistryClient {
 
     /// One request plus manual redirect following.
     /// The flag says whether the response came from the registry's origin (not a redirect target).
-    pub(super) fn send_once(
-        &self,
-        req: &Req,
-        auth: Option<&str>,
-    ) -> Result<(Response<Body>, bool), Failure> {
+    fn send_once(&self, req: &Req, auth: Option<&str>) -> Result<(Response<Body>, bool), Failure> {
         let origin = self.origin();
         let mut url = format!("{origin}{}", req.path);
         let mut same_origin = true;
@@ -401,7 +397,7 @@ impl RegistryClient {
     }
 
     /// Answer a 401 challenge: set the cached `Authorization` header.
-    pub(super) fn authenticate(
+    fn authenticate(
         &self,
         challenges: &[Challenge],
         retry: &mut Retry,
@@ -439,11 +435,7 @@ impl RegistryClient {
         Ok(())
     }
 
-    pub(super) fn fetch_token(
-        &self,
-        c: &Challenge,
-        retry: &mut Retry,
-    ) -> Result<String, RegistryError> {
+    fn fetch_token(&self, c: &Challenge, retry: &mut Retry) -> Result<String, RegistryError> {
         let realm = c.params.get("realm").cloned().unwrap_or_default();
         let terr = |detail: String| RegistryError::Token {
             realm: realm.clone(),
@@ -574,7 +566,7 @@ pub(super) fn header(resp: &Response<Body>, name: &str) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
-pub(super) fn resp_path(resp: &Response<Body>) -> String {
+fn resp_path(resp: &Response<Body>) -> String {
     // ureq records the final URI in the response extensions
     resp.extensions()
         .get::<Uri>()
@@ -583,7 +575,7 @@ pub(super) fn resp_path(resp: &Response<Body>) -> String {
 }
 
 /// Percent-encode for a query value (RFC 3986 unreserved kept).
-pub(super) fn pct_encode(s: &str) -> String {
+fn pct_encode(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
@@ -603,7 +595,7 @@ pub(super) fn parse_content_range_start(v: &str) -> Option<u64> {
 
 /// `url` without its query and fragment, for messages: the query of a redirect to object
 /// storage is a presigned credential (`X-Amz-Signature=…`).
-pub(super) fn redact_url(url: &str) -> String {
+fn redact_url(url: &str) -> String {
     match url.find(['?', '#']) {
         Some(i) => format!("{}?<redacted>", &url[..i]),
         None => url.to_string(),
@@ -611,13 +603,13 @@ pub(super) fn redact_url(url: &str) -> String {
 }
 
 /// The host of an absolute URL, lower-cased, without the port.
-pub(super) fn host_of(url: &str) -> Option<String> {
+fn host_of(url: &str) -> Option<String> {
     let u: Uri = url.parse().ok()?;
     Some(u.host()?.to_ascii_lowercase())
 }
 
 /// `scheme://authority` of an absolute URL (lower-cased), with default ports made explicit.
-pub(super) fn origin_of(url: &str) -> Option<String> {
+fn origin_of(url: &str) -> Option<String> {
     let u: Uri = url.parse().ok()?;
     let scheme = u.scheme_str()?.to_ascii_lowercase();
     let host = u.host()?.to_ascii_lowercase();
@@ -628,7 +620,7 @@ pub(super) fn origin_of(url: &str) -> Option<String> {
 }
 
 /// Resolve a `Location` header against the current URL.
-pub(super) fn resolve_location(current: &str, loc: &str) -> Option<String> {
+fn resolve_location(current: &str, loc: &str) -> Option<String> {
     if loc.starts_with("https://") || loc.starts_with("http://") {
         return Some(loc.to_string());
     }

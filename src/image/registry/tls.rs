@@ -94,7 +94,7 @@ impl TlsRoots {
         })
     }
 
-    pub(super) fn verifier(&self) -> Arc<EnvboxVerifier> {
+    fn verifier(&self) -> Arc<EnvboxVerifier> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut store = rustls::RootCertStore::empty();
         let (_added, ignored) = store.add_parsable_certificates(self.certs.iter().cloned());
@@ -130,7 +130,7 @@ impl TlsRoots {
         ))))
     }
 
-    pub(super) fn build_config(
+    fn build_config(
         &self,
         verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
     ) -> Arc<rustls::ClientConfig> {
@@ -154,7 +154,7 @@ impl TlsRoots {
     }
 }
 
-pub(super) fn push_pem_certs(bytes: &[u8], out: &mut Vec<Der>) -> usize {
+fn push_pem_certs(bytes: &[u8], out: &mut Vec<Der>) -> usize {
     use rustls_pki_types::pem::PemObject;
     let mut n = 0;
     for c in rustls_pki_types::CertificateDer::pem_slice_iter(bytes) {
@@ -175,7 +175,7 @@ pub(super) fn push_pem_certs(bytes: &[u8], out: &mut Vec<Der>) -> usize {
 #[derive(Debug)]
 pub(super) struct EnvboxVerifier {
     pub(super) webpki: Option<Arc<rustls::client::WebPkiServerVerifier>>,
-    pub(super) pinned: Arc<Vec<Der>>,
+    pinned: Arc<Vec<Der>>,
     pub(super) provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
@@ -356,7 +356,7 @@ impl<In: ureq::unversioned::transport::Transport> ureq::unversioned::transport::
 }
 
 pub(super) struct RustlsTransport {
-    pub(super) buffers: ureq::unversioned::transport::LazyBuffers,
+    buffers: ureq::unversioned::transport::LazyBuffers,
     pub(super) stream: rustls::StreamOwned<
         rustls::ClientConnection,
         ureq::unversioned::transport::TransportAdapter,

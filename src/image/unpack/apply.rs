@@ -83,7 +83,7 @@ pub(super) struct Applier<'r> {
     /// Set when something was removed: cached resolutions may be stale.
     pub(super) removed: bool,
     pub(super) buf: Vec<u8>,
-    pub(super) raw_name: Vec<u8>,
+    raw_name: Vec<u8>,
     pub(super) path: Vec<u8>,
     pub(super) link: Vec<u8>,
     pub(super) xattrs: Vec<(Vec<u8>, Vec<u8>)>,
@@ -140,7 +140,7 @@ impl<'r> Applier<'r> {
         Ok(self.stats)
     }
 
-    pub(super) fn tar_error(&self, e: TarError) -> UnpackError {
+    fn tar_error(&self, e: TarError) -> UnpackError {
         match e {
             TarError::Io(source) => UnpackError::Read {
                 at: self.position(),
@@ -173,7 +173,7 @@ impl<'r> Applier<'r> {
         }
     }
 
-    pub(super) fn name_error(&self, e: NameError) -> UnpackError {
+    fn name_error(&self, e: NameError) -> UnpackError {
         match e {
             NameError::Escape => UnpackError::Escape {
                 entry: self.entry_name(),
@@ -189,7 +189,7 @@ impl<'r> Applier<'r> {
         }
     }
 
-    pub(super) fn apply_entry<R: Read>(
+    fn apply_entry<R: Read>(
         &mut self,
         entry: &Entry,
         data: &mut TarReader<R>,
@@ -281,7 +281,7 @@ impl<'r> Applier<'r> {
         }
     }
 
-    pub(super) fn create_file<R: Read>(
+    fn create_file<R: Read>(
         &mut self,
         entry: &mut TarReader<R>,
         meta: &Meta,
@@ -313,7 +313,7 @@ impl<'r> Applier<'r> {
     }
 
     /// Streams the entry's content into `file` through the reused buffer.
-    pub(super) fn copy_data<R: Read>(
+    fn copy_data<R: Read>(
         &mut self,
         entry: &mut TarReader<R>,
         file: &File,
@@ -390,7 +390,7 @@ impl<'r> Applier<'r> {
         Ok(())
     }
 
-    pub(super) fn create_symlink(
+    fn create_symlink(
         &mut self,
         meta: &Meta,
         parent: BorrowedFd<'_>,
@@ -411,7 +411,7 @@ impl<'r> Applier<'r> {
         Ok(())
     }
 
-    pub(super) fn create_hardlink(
+    fn create_hardlink(
         &mut self,
         parent: BorrowedFd<'_>,
         name: &[u8],
@@ -470,7 +470,7 @@ impl<'r> Applier<'r> {
         }
     }
 
-    pub(super) fn create_special(
+    fn create_special(
         &mut self,
         entry: &Entry,
         kind: &Kind,

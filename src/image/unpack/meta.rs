@@ -49,7 +49,7 @@ pub(super) fn chmod_special(parent: BorrowedFd<'_>, name: &[u8], mode: u32) -> i
     rfs::chmod(proc_path.as_str(), Mode::from_raw_mode(mode)).map_err(io::Error::from)
 }
 
-pub(super) fn parse_pax_time(value: &[u8]) -> Option<rfs::Timespec> {
+fn parse_pax_time(value: &[u8]) -> Option<rfs::Timespec> {
     let s = std::str::from_utf8(value).ok()?;
     let (secs, frac) = match s.split_once('.') {
         Some((a, b)) => (a, b),
@@ -172,12 +172,7 @@ impl<'r> Applier<'r> {
         Ok(())
     }
 
-    pub(super) fn set_xattr(
-        &self,
-        fd: BorrowedFd<'_>,
-        name: &[u8],
-        value: &[u8],
-    ) -> Result<(), UnpackError> {
+    fn set_xattr(&self, fd: BorrowedFd<'_>, name: &[u8], value: &[u8]) -> Result<(), UnpackError> {
         if name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.") {
             log::warn!(
                 "layer entry {:?}: overlayfs xattr {:?} dropped",

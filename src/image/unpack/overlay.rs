@@ -13,7 +13,7 @@ use super::{apply::*, meta::*, resolve::*};
 
 impl<'r> Applier<'r> {
     /// The directory fd of layer `i` of the merged view: 0 is this layer.
-    pub(super) fn layer_root(&self, i: usize) -> BorrowedFd<'r> {
+    fn layer_root(&self, i: usize) -> BorrowedFd<'r> {
         let lowers: &'r [OwnedFd] = self.lowers;
         if i == 0 {
             self.root
@@ -26,7 +26,7 @@ impl<'r> Applier<'r> {
     /// this layer alone. When every component is found here, the merged view finds the
     /// same (the uppermost layer wins at each step), so the result is that, or `None`
     /// when this layer does not have the path.
-    pub(super) fn lookup_own(&self, path: &[u8]) -> Option<Result<Found, LookupError>> {
+    fn lookup_own(&self, path: &[u8]) -> Option<Result<Found, LookupError>> {
         let (tparent, tname) = split_parent(path);
         let parent = if tparent.is_empty() {
             None
@@ -59,7 +59,7 @@ impl<'r> Applier<'r> {
 
     /// Looks `path` (normalised) up through the merged view of this layer over its
     /// lowers, as overlayfs would, without following the final component.
-    pub(super) fn lookup_merged(&self, path: &[u8]) -> Result<Found, LookupError> {
+    fn lookup_merged(&self, path: &[u8]) -> Result<Found, LookupError> {
         /// Symlinks followed in one lookup before giving up, as the kernel's limit.
         const MAX_SYMLINKS: u32 = 40;
         // Components still to walk, last first.
@@ -239,7 +239,7 @@ impl<'r> Applier<'r> {
 
     /// Copies the object `sname` in `sdir` (of another layer, already uid-shifted) to
     /// `name` in `parent`, with owner, mode, xattrs and times.
-    pub(super) fn copy_object(
+    fn copy_object(
         &mut self,
         sdir: BorrowedFd<'_>,
         sname: &[u8],
@@ -328,11 +328,7 @@ impl<'r> Applier<'r> {
 
     /// Copies the extended attributes of a file being copied from a lower layer
     /// (they were filtered and shifted when that layer was unpacked).
-    pub(super) fn copy_xattrs(
-        &self,
-        src: BorrowedFd<'_>,
-        dst: BorrowedFd<'_>,
-    ) -> Result<(), UnpackError> {
+    fn copy_xattrs(&self, src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> Result<(), UnpackError> {
         let mut names = vec![0u8; 64 * 1024];
         let n = match rfs::flistxattr(src, &mut names[..]) {
             Ok(n) => n,
@@ -421,7 +417,7 @@ impl<'r> Applier<'r> {
         }
     }
 
-    pub(super) fn create_overlay_whiteout(&mut self, name: &[u8]) -> Result<(), UnpackError> {
+    fn create_overlay_whiteout(&mut self, name: &[u8]) -> Result<(), UnpackError> {
         let parent = self.parent_for_create()?;
         let pfd = parent.fd(self.root);
         let dev = rfs::makedev(0, 0);
@@ -446,7 +442,7 @@ impl<'r> Applier<'r> {
         Ok(())
     }
 
-    pub(super) fn apply_opaque(&mut self, dir_path: &[u8]) -> Result<(), UnpackError> {
+    fn apply_opaque(&mut self, dir_path: &[u8]) -> Result<(), UnpackError> {
         match self.target {
             Target::Flatten => {
                 let dir = match open_dir_in_root(self.root, dir_path) {
@@ -477,7 +473,7 @@ impl<'r> Applier<'r> {
     }
 
     /// Removes `name` in `dir` (lexical path `path`) except what this layer wrote.
-    pub(super) fn remove_hidden(
+    fn remove_hidden(
         &mut self,
         dir: BorrowedFd<'_>,
         name: &[u8],
@@ -501,7 +497,7 @@ impl<'r> Applier<'r> {
 
     /// Removes every child of `dir` (lexical path `prefix`) that this layer did not
     /// write, descending into the directories it did.
-    pub(super) fn prune(&mut self, dir: &OwnedFd, prefix: &mut Vec<u8>) -> Result<(), UnpackError> {
+    fn prune(&mut self, dir: &OwnedFd, prefix: &mut Vec<u8>) -> Result<(), UnpackError> {
         let names = list_dir(dir).map_err(self.io_err("list directory"))?;
         let base_len = prefix.len();
         for name in names {

@@ -14,7 +14,7 @@ use super::apply::*;
 use super::*;
 
 /// Parses `sha256:<64 hex>`.
-pub(super) fn parse_diff_id(d: &str) -> Result<[u8; 32], UnpackError> {
+fn parse_diff_id(d: &str) -> Result<[u8; 32], UnpackError> {
     let bad = || UnpackError::BadDiffId(d.to_string());
     let hex_part = d.strip_prefix("sha256:").ok_or_else(bad)?;
     let mut out = [0u8; 32];
@@ -28,7 +28,7 @@ pub(super) fn parse_diff_id(d: &str) -> Result<[u8; 32], UnpackError> {
 /// The decompressed stream, hashed as it is read when a diff_id is to be checked.
 pub(super) struct Hashing<R> {
     pub(super) inner: R,
-    pub(super) hasher: Option<Sha256>,
+    hasher: Option<Sha256>,
 }
 
 impl<R: Read> Read for Hashing<R> {
@@ -40,7 +40,7 @@ impl<R: Read> Read for Hashing<R> {
 }
 
 impl<R> Hashing<R> {
-    pub(super) fn update(&mut self, bytes: &[u8]) {
+    fn update(&mut self, bytes: &[u8]) {
         if let Some(h) = &mut self.hasher {
             h.update(bytes);
         }
@@ -54,7 +54,7 @@ impl<R> Hashing<R> {
     }
 
     /// Compares what was read with the expected digest.
-    pub(super) fn check(self, expected: Option<[u8; 32]>) -> Result<(), UnpackError> {
+    fn check(self, expected: Option<[u8; 32]>) -> Result<(), UnpackError> {
         let (Some(expected), Some(h)) = (expected, self.hasher) else {
             return Ok(());
         };
@@ -209,12 +209,12 @@ pub(super) fn apply(
 pub(super) type Chunk = (Vec<u8>, usize);
 
 /// Bytes per chunk handed from the decompressing to the writing thread.
-pub(super) const CHUNK_SIZE: usize = 256 * 1024;
-pub(super) const CHUNKS_IN_FLIGHT: usize = 4;
+const CHUNK_SIZE: usize = 256 * 1024;
+const CHUNKS_IN_FLIGHT: usize = 4;
 
 /// Reads `src` to its end in chunks, reusing the buffers the reader hands back. Stops
 /// quietly when the reader is gone (it failed and reports its own error).
-pub(super) fn produce<R: Read>(
+fn produce<R: Read>(
     src: &mut R,
     out: &mpsc::SyncSender<io::Result<Chunk>>,
     spare: &mpsc::Receiver<Vec<u8>>,
@@ -241,12 +241,12 @@ pub(super) fn produce<R: Read>(
 
 /// The parsing thread's view of the decompressed stream.
 pub(super) struct ChunkReader {
-    pub(super) chunks: mpsc::Receiver<io::Result<Chunk>>,
-    pub(super) spare: mpsc::SyncSender<Vec<u8>>,
-    pub(super) current: Vec<u8>,
+    chunks: mpsc::Receiver<io::Result<Chunk>>,
+    spare: mpsc::SyncSender<Vec<u8>>,
+    current: Vec<u8>,
     pub(super) len: usize,
-    pub(super) pos: usize,
-    pub(super) hasher: Hashing<()>,
+    pos: usize,
+    hasher: Hashing<()>,
 }
 
 impl Read for ChunkReader {

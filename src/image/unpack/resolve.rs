@@ -57,7 +57,7 @@ pub(super) fn split_parent(path: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
-pub(super) fn resolve_how() -> ResolveFlags {
+fn resolve_how() -> ResolveFlags {
     ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS
 }
 
