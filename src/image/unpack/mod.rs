@@ -56,6 +56,12 @@
 //!   extension headers are capped (1 MiB), each layer has a budget of stream bytes and
 //!   entries, and sparse entries (every GNU format) are refused rather than written with
 //!   their holes filled.
+//!
+//! # Layout
+//!
+//! `pipeline` (decompression, diff_id, the entry loop), `resolve` (names, parents inside the root),
+//! `apply` (the applier and entry creation), `meta` (owners, modes, times, xattrs, capabilities),
+//! `overlay` (merged lower layers, cross-layer hard links, whiteouts, opaque directories).
 
 use std::ffi::CStr;
 use std::io::{self, BufRead, Read};

@@ -1,4 +1,5 @@
-//! The layer pipeline: decompression on its own thread, diff_id hashing, the tar framing reader.
+//! The layer pipeline: decompression on its own thread, diff_id hashing, entries from the tar
+//! framing reader to the applier.
 
 use std::io::{self, Read};
 use std::os::fd::AsFd;
