@@ -136,6 +136,39 @@ pub fn parent_of(p: &Path) -> PathBuf {
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
+/// Whether `file` (locked by the caller) is still the file at `path`: a lock file may be removed
+/// (and re-created) by its holder between someone's open and their lock, and a lock on the removed
+/// file protects nothing. A missing path is "not current".
+pub fn is_current(file: &File, path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let ours = file.metadata()?;
+    match fs::metadata(path) {
+        Ok(m) => Ok(m.ino() == ours.ino() && m.dev() == ours.dev()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The lock-then-verify loop: `open` the lock file at `path`, `lock` it (`Ok(false)`: give up,
+/// giving `None`), and start over while the locked file is no longer the one at `path`.
+/// `stat_err` maps a failure of that check.
+pub fn lock_current<E>(
+    path: &Path,
+    mut open: impl FnMut() -> Result<File, E>,
+    mut lock: impl FnMut(&File) -> Result<bool, E>,
+    stat_err: impl Fn(io::Error) -> E,
+) -> Result<Option<File>, E> {
+    loop {
+        let file = open()?;
+        if !lock(&file)? {
+            return Ok(None);
+        }
+        if is_current(&file, path).map_err(&stat_err)? {
+            return Ok(Some(file));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,8 +13,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{self as rfs, FileType, Mode, OFlags, ResolveFlags};
-use rustix::io::Errno;
+use rustix::fs::{self as rfs, FileType, Mode, OFlags};
 
 /// Larger account or os-release files are refused.
 pub const MAX_FILE_SIZE: u64 = 16 * 1024 * 1024;
@@ -174,19 +173,9 @@ struct ImageRoot {
     fd: OwnedFd,
 }
 
-fn resolve() -> ResolveFlags {
-    ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS
-}
-
+/// `openat2` of `path` (leading `/` stripped) inside `root`: the unpacker's one helper.
 fn open_in_root(root: BorrowedFd<'_>, path: &str, flags: OFlags) -> io::Result<OwnedFd> {
-    let rel = path.trim_start_matches('/');
-    let mut tries = 0;
-    loop {
-        match rfs::openat2(root, rel, flags | OFlags::CLOEXEC, Mode::empty(), resolve()) {
-            Err(Errno::AGAIN) if tries < 16 => tries += 1,
-            r => return r.map_err(io::Error::from),
-        }
-    }
+    crate::image::unpack::open_in_root(root, path.trim_start_matches('/').as_bytes(), flags)
 }
 
 fn is_missing(e: &io::Error) -> bool {

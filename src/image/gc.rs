@@ -78,23 +78,27 @@ pub fn hold<'a>(cache_dir: &Path, digests: impl IntoIterator<Item = &'a str>) ->
             continue;
         }
         let path = dir.join(hex);
-        let file = loop {
-            let f = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_CLOEXEC)
-                .open(&path)?;
-            rfs::flock(&f, FlockOperation::LockShared)?;
-            // A collection may have removed the marker between our open and our lock.
-            let ours = f.metadata()?;
-            match fs::metadata(&path) {
-                Ok(m) if m.ino() == ours.ino() && m.dev() == ours.dev() => break f,
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
-            }
+        // A collection may have removed the marker between our open and our lock.
+        let Some(file) = crate::image::durable::lock_current(
+            &path,
+            || {
+                OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_CLOEXEC)
+                    .open(&path)
+            },
+            |f| {
+                rfs::flock(f, FlockOperation::LockShared)
+                    .map(|()| true)
+                    .map_err(io::Error::from)
+            },
+            |e| e,
+        )?
+        else {
+            continue; // a blocking lock never gives up
         };
         touch(&file);
         held.push((d.to_string(), file));
@@ -302,9 +306,8 @@ fn claim(cache_dir: &Path, hex: &str) -> io::Result<Option<Claim>> {
         Err(e) => return Err(e.into()),
     }
     // Another collection may have removed (and someone re-created) the marker meanwhile.
-    let ours = file.metadata()?;
-    match fs::metadata(&marker) {
-        Ok(m) if m.ino() == ours.ino() => Ok(Some(Claim { marker, file })),
+    match crate::image::durable::is_current(&file, &marker) {
+        Ok(true) => Ok(Some(Claim { marker, file })),
         _ => Ok(None),
     }
 }

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod durable;
 pub mod facts;
 pub mod gc;
+pub mod oci;
 pub mod reference;
 pub mod registry;
 pub mod rootfs;

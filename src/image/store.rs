@@ -14,7 +14,6 @@ use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::ops::ControlFlow;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -354,19 +353,22 @@ fn lock_file(
     path: &Path,
     wait: &mut dyn FnMut() -> Result<bool, StoreError>,
 ) -> Result<Option<File>, StoreError> {
-    loop {
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(io_err("open lock file", path))?;
-        loop {
-            match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => break,
+    crate::image::durable::lock_current(
+        path,
+        || {
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(path)
+                .map_err(io_err("open lock file", path))
+        },
+        |lock| loop {
+            match rustix::fs::flock(lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Ok(true),
                 Err(rustix::io::Errno::WOULDBLOCK) => {
                     if !wait()? {
-                        return Ok(None);
+                        return Ok(false);
                     }
                     std::thread::sleep(LOCK_POLL);
                 }
@@ -378,15 +380,9 @@ fn lock_file(
                     })
                 }
             }
-        }
-        let ours = lock.metadata().map_err(io_err("stat", path))?;
-        match fs::metadata(path) {
-            Ok(m) if m.ino() == ours.ino() && m.dev() == ours.dev() => return Ok(Some(lock)),
-            Ok(_) => continue,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(io_err("stat", path)(e)),
-        }
-    }
+        },
+        |e| io_err("stat", path)(e),
+    )
 }
 
 /// `sha256:<hex>` of `bytes`.
