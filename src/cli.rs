@@ -148,6 +148,16 @@ pub struct DockerArgs {
         default_missing_value = "true"
     )]
     pub disable_idmapped_mount: Option<String>,
+    /// Keep the workspace's writable layer on CODER_STATE_DIR across restarts: a boolean, or
+    /// keep-on-image-change to reuse it on a new image too.
+    #[arg(
+        long = "persist-rootfs",
+        env = "CODER_PERSIST_ROOTFS",
+        hide_env_values = true,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub persist_rootfs: Option<String>,
     /// Verbose operator logs (a boolean); RUST_LOG also works.
     #[arg(
         long = "debug",

@@ -13,7 +13,7 @@ use crate::secrets::Secret;
 mod parse;
 use parse::{
     optional_abs_path, parse_cache_max_size, parse_cpus, parse_env_filters, parse_hostname,
-    parse_memory, parse_mounts, parse_seconds, parse_url, parse_work_dir,
+    parse_memory, parse_mounts, parse_persist_rootfs, parse_seconds, parse_url, parse_work_dir,
 };
 pub use parse::{parse_bool, parse_bridge_cidr, BOOL_FORMS};
 
@@ -158,6 +158,8 @@ pub struct Config {
     pub cpus: Option<MilliCpus>,
     pub memory: Option<u64>,
     pub disable_idmapped_mount: bool,
+    /// CODER_PERSIST_ROOTFS.
+    pub persist_rootfs: crate::image::persist::PersistRootfs,
     pub debug: bool,
     pub runtime: RuntimeChoice,
     pub state_dir: PathBuf,
@@ -221,6 +223,7 @@ impl Config {
                 "CODER_DISABLE_IDMAPPED_MOUNT",
                 &a.disable_idmapped_mount,
             )?,
+            persist_rootfs: parse_persist_rootfs(&a.persist_rootfs)?,
             debug: parse_bool("CODER_DEBUG", &a.debug)?,
             runtime: parse_runtime(&a.runtime)?,
             state_dir,

@@ -352,23 +352,38 @@ fn start_workspace<'a>(
     ));
 
     let t = Instant::now();
-    let (layers, cache, state) = (
+    let (layers, cache, state, persist) = (
         image::layer_blobs(p),
         cfg.image.cache_dir.clone(),
         cfg.state_dir.clone(),
+        cfg.persist_rootfs,
+    );
+    let (config_digest, reference) = (
+        p.image.config_digest.clone(),
+        cfg.image.reference.to_string(),
     );
     let l = Arc::clone(log);
     let rootfs = match sup.run_step("unpack", move || {
-        image::rootfs::prepare(
+        image::persist::prepare(
             &RealKernel,
             &cache,
             &state,
             &layers,
             Some(std::path::Path::new(EPHEMERAL_DIR)),
+            &image::persist::Persistence {
+                mode: persist,
+                config_digest: &config_digest,
+                reference: &reference,
+            },
             &|m| l.info(m),
         )
     }) {
-        Ok(Ok(r)) => r,
+        Ok(Ok(prepared)) => {
+            for n in &prepared.notes {
+                log.info(n);
+            }
+            prepared.rootfs
+        }
         Ok(Err(e)) => return Err(undo.abort(failed(&e))),
         Err(_) => return Err(undo.abort(Abort::Stopped)),
     };
@@ -414,8 +429,18 @@ fn start_workspace<'a>(
     for note in bundle::mounts::read_only_owner_notes(&cfg.mounts) {
         log.info(note);
     }
-    inner_docker_mtu(&rootfs_path, link.mtu, log);
-    bundle::add_machine_id(&facts, &rootfs_path);
+    // Written through the root into the writable layer from this pod's facts; a kept layer has them
+    // removed at the next start (image::persist), so a pod on another node gets its own.
+    let mut per_start_files = Vec::new();
+    if inner_docker_mtu(&rootfs_path, link.mtu, log) {
+        per_start_files.push(net::DAEMON_JSON_PATH);
+    }
+    if bundle::add_machine_id(&facts, &rootfs_path) {
+        per_start_files.push(bundle::MACHINE_ID);
+    }
+    if cfg.persist_rootfs != image::persist::PersistRootfs::Off {
+        image::persist::record_envbox_files(&cfg.state_dir, &per_start_files);
+    }
     let bundle_dir = cfg.state_dir.join("bundle");
     let volume_shift = match undo.daemons() {
         Some(d)
@@ -728,7 +753,8 @@ fn teardown_reserve(timeout: Duration) -> Duration {
 /// The inner dockerd should use the pod's MTU (envbox#167). A `daemon.json` saying so is written
 /// through the mounted root (so into this start's writable layer) only when the image has Docker and
 /// no `daemon.json` of its own; the image's files are never rewritten.
-fn inner_docker_mtu(rootfs: &std::path::Path, mtu: u32, log: &BuildLog) {
+/// Returns whether it wrote one.
+fn inner_docker_mtu(rootfs: &std::path::Path, mtu: u32, log: &BuildLog) -> bool {
     use image::facts::{image_has, read_image_file};
     if ![
         "/usr/bin/dockerd",
@@ -738,7 +764,7 @@ fn inner_docker_mtu(rootfs: &std::path::Path, mtu: u32, log: &BuildLog) {
     .iter()
     .any(|p| image_has(rootfs, p))
     {
-        return;
+        return false;
     }
     let existing = read_image_file(rootfs, net::DAEMON_JSON_PATH).unwrap_or(None);
     match net::inner_docker_daemon_json(existing.as_deref(), mtu) {
@@ -747,11 +773,13 @@ fn inner_docker_mtu(rootfs: &std::path::Path, mtu: u32, log: &BuildLog) {
                 bundle::spec::ID_MAP_HOST_START,
                 bundle::spec::ID_MAP_HOST_START,
             );
-            if let Err(e) = net::write_daemon_json(rootfs, &content, owner) {
-                log::warn!("cannot give the inner Docker the pod's MTU: {e}");
+            match net::write_daemon_json(rootfs, &content, owner) {
+                Ok(()) => return true,
+                Err(e) => log::warn!("cannot give the inner Docker the pod's MTU: {e}"),
             }
         }
         net::DaemonJsonDecision::Keep => {}
         net::DaemonJsonDecision::KeepWithWarning(w) => log.info(w),
     }
+    false
 }

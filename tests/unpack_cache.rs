@@ -270,7 +270,16 @@ fn full_cache_falls_back_to_ephemeral_storage() {
     let layers = vec![small.clone(), big.clone()];
 
     // Without a fall back: a clear error, nothing corrupt left in the cache.
-    let err = rootfs::prepare(&RealKernel, &cache_dir, &state, &layers, None, &|_| {}).unwrap_err();
+    let err = rootfs::prepare(
+        &RealKernel,
+        &cache_dir,
+        &state,
+        &layers,
+        None,
+        rootfs::UpperMode::Fresh,
+        &|_| {},
+    )
+    .unwrap_err();
     assert!(err.is_no_space(), "{err}");
     assert!(err.to_string().contains("no space left"), "{err}");
     let cache = LayerCache::open(&cache_dir).unwrap();
@@ -278,9 +287,15 @@ fn full_cache_falls_back_to_ephemeral_storage() {
 
     // With one: one notice line, a flattened copy under the ephemeral directory.
     let notices = std::cell::RefCell::new(Vec::new());
-    let r = rootfs::prepare(&RealKernel, &cache_dir, &state, &layers, Some(&eph), &|m| {
-        notices.borrow_mut().push(m.to_string())
-    })
+    let r = rootfs::prepare(
+        &RealKernel,
+        &cache_dir,
+        &state,
+        &layers,
+        Some(&eph),
+        rootfs::UpperMode::Fresh,
+        &|m| notices.borrow_mut().push(m.to_string()),
+    )
     .unwrap();
     let notices = notices.into_inner();
     assert_eq!(notices.len(), 1, "{notices:?}");
@@ -313,6 +328,7 @@ fn full_cache_falls_back_to_ephemeral_storage() {
             &state,
             &[small.clone(), layer],
             Some(&eph_small),
+            rootfs::UpperMode::Fresh,
             &|_| {},
         )
         .unwrap_err();

@@ -290,15 +290,22 @@ pub fn needs_machine_id(facts: &ImageFacts, rootfs: &Path) -> bool {
 /// Adds an empty `/etc/machine-id` through the mounted root (so into this start's writable layer)
 /// when [`needs_machine_id`]. The image itself is never changed; a failure is only a warning, as
 /// systemd still boots, slowly.
-pub fn add_machine_id(facts: &ImageFacts, rootfs: &Path) {
+/// Returns whether it added one.
+pub fn add_machine_id(facts: &ImageFacts, rootfs: &Path) -> bool {
     if !needs_machine_id(facts, rootfs) {
-        return;
+        return false;
     }
     match create_empty_in_root(rootfs, MACHINE_ID, (ID_MAP_HOST_START, ID_MAP_HOST_START)) {
-        Ok(()) => log::info!("the image has no {MACHINE_ID}; added an empty one for systemd"),
-        Err(e) => log::warn!(
-            "cannot add an empty {MACHINE_ID} for systemd ({e}); it may wait minutes in `starting`"
-        ),
+        Ok(()) => {
+            log::info!("the image has no {MACHINE_ID}; added an empty one for systemd");
+            true
+        }
+        Err(e) => {
+            log::warn!(
+                "cannot add an empty {MACHINE_ID} for systemd ({e}); it may wait minutes in `starting`"
+            );
+            false
+        }
     }
 }
 

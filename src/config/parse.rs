@@ -292,6 +292,27 @@ pub(super) fn optional_abs_path(
     }
 }
 
+/// `CODER_PERSIST_ROOTFS`: a boolean, or `keep-on-image-change`.
+pub(super) fn parse_persist_rootfs(
+    v: &Option<String>,
+) -> Result<crate::image::persist::PersistRootfs, ConfigError> {
+    use crate::image::persist::PersistRootfs;
+    const VAR: &str = "CODER_PERSIST_ROOTFS";
+    match present(v) {
+        Some("keep-on-image-change") => Ok(PersistRootfs::KeepOnImageChange),
+        Some(other) => match parse_bool(VAR, v) {
+            Ok(true) => Ok(PersistRootfs::On),
+            Ok(false) => Ok(PersistRootfs::Off),
+            Err(_) => Err(invalid(
+                VAR,
+                other,
+                format!("{BOOL_FORMS}, or keep-on-image-change"),
+            )),
+        },
+        None => Ok(PersistRootfs::Off),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

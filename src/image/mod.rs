@@ -5,6 +5,7 @@ pub mod durable;
 pub mod facts;
 pub mod gc;
 pub mod oci;
+pub mod persist;
 pub mod reference;
 pub mod registry;
 pub mod rootfs;

@@ -39,6 +39,15 @@ pub enum RootfsError {
     },
     #[error("no space left for the root filesystem: {0}")]
     NoSpace(String),
+    #[error("overlayfs refused the kept writable layer: {0}")]
+    KeptUpperRefused(std::io::Error),
+}
+
+/// Whether the writable layer starts empty or is the one the last start left (CODER_PERSIST_ROOTFS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpperMode {
+    Fresh,
+    Keep,
 }
 
 fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RootfsError {
@@ -427,10 +436,11 @@ pub fn prepare(
     state_dir: &Path,
     layers: &[LayerBlob],
     ephemeral_dir: Option<&Path>,
+    upper_mode: UpperMode,
     notice: &dyn Fn(&str),
 ) -> Result<Rootfs, RootfsError> {
     let target = state_dir.join("rootfs");
-    clear_previous(kernel, state_dir, &target)?;
+    clear_previous(kernel, state_dir, &target, upper_mode)?;
     if let Some(eph) = ephemeral_dir {
         let old = eph.join("rootfs");
         if old.exists() {
@@ -453,6 +463,9 @@ pub fn prepare(
             flatten_ephemeral(cache_dir, eph, layers, &e, notice)
         }
         Err(OverlayFailure::Unpack(e)) => Err(e),
+        Err(OverlayFailure::Mount(e)) if upper_mode == UpperMode::Keep => {
+            Err(RootfsError::KeptUpperRefused(e))
+        }
         Err(OverlayFailure::Mount(e)) => {
             notice(&format!(
                 "Cannot mount an overlay root filesystem ({e}); unpacking a full copy instead, which is slower and uses more disk"
@@ -582,12 +595,23 @@ fn mount_relative(
 }
 
 /// Undoes what a previous start (or a crash) left: the workspace always starts from the image.
-fn clear_previous(kernel: &dyn Kernel, state_dir: &Path, target: &Path) -> Result<(), RootfsError> {
+fn clear_previous(
+    kernel: &dyn Kernel,
+    state_dir: &Path,
+    target: &Path,
+    upper_mode: UpperMode,
+) -> Result<(), RootfsError> {
     if target.exists() {
         // Not mounted is the normal case; anything else shows up when removing below.
         let _ = kernel.unmount(target, true);
     }
-    for d in ["rootfs", "upper", "work"] {
+    // A kept upper goes with a work directory emptied, as overlayfs needs it after a crash (a
+    // killed start leaves its work/work behind); the work directory is recreated below.
+    let dirs: &[&str] = match upper_mode {
+        UpperMode::Fresh => &["rootfs", "upper", "work"],
+        UpperMode::Keep => &["rootfs", "work"],
+    };
+    for d in dirs {
         let p = state_dir.join(d);
         if p.exists() {
             remove_tree(&p)?;
