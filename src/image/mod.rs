@@ -3,6 +3,8 @@
 pub mod auth;
 pub mod durable;
 pub mod facts;
+#[cfg(test)]
+pub(crate) mod fuzz_rng;
 pub mod gc;
 pub mod oci;
 pub mod persist;

@@ -504,29 +504,7 @@ mod tests {
         assert!(layer_desc(&bad, r).is_err());
     }
 
-    /// xorshift64*: a fixed-seed generator, so a failure reproduces.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-        fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
-            xs[self.below(xs.len())]
-        }
-        fn digest(&mut self) -> String {
-            let hex: String = (0..64)
-                .map(|_| char::from(b"0123456789abcdef"[self.below(16)]))
-                .collect();
-            format!("sha256:{hex}")
-        }
-    }
+    use crate::image::fuzz_rng::Rng;
 
     const MEDIA_TYPES: &[&str] = &[
         MT_OCI_INDEX,

@@ -10,23 +10,7 @@ use crate::image::tarstream::{Limits, TarReader};
 
 use super::*;
 
-/// xorshift64*: a fixed-seed generator, so a failure reproduces.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
-        xs[self.below(xs.len())]
-    }
-}
+use crate::image::fuzz_rng::Rng;
 
 /// Random archives per run: a few seconds on a small machine.
 const ROUNDS: usize = 300;
