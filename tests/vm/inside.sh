@@ -11,6 +11,9 @@ cd "$EBX_REPO_ROOT" || exit 125
 echo "# guest: kernel $(uname -r), $(nproc) vCPUs, cgroup controllers: $(cat /sys/fs/cgroup/cgroup.controllers)"
 world_start >/var/tmp/world.log 2>&1 || { echo "# the guest's test world did not start:"; sed 's/^/# /' /var/tmp/world.log; exit 1; }
 mapfile -t files </share/bats-files
+# A test that hangs fails on its own (with what it printed so far) instead of running the guest into the
+# host's timeout, which would report nothing; each test needs 1–3 min under TCG.
+export BATS_TEST_TIMEOUT=${EBX_VM_TEST_TIMEOUT:-480}
 rc=0
 bats --tap "${files[@]}" || rc=$?
 world_stop >>/var/tmp/world.log 2>&1 || echo "# the guest's world teardown had errors"
