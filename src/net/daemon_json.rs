@@ -8,8 +8,7 @@ use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{self as rfs, AtFlags, Gid, Mode, OFlags, ResolveFlags, Uid};
-use rustix::io::Errno;
+use rustix::fs::{self as rfs, AtFlags, Gid, Mode, OFlags, Uid};
 use serde_json::Value;
 
 /// Path of dockerd's configuration inside the workspace.
@@ -101,13 +100,13 @@ pub fn write_daemon_json(root: &Path, content: &str, owner: (u32, u32)) -> io::R
         dir.push(comp);
         dir_fd = match in_root(root_fd.as_fd(), &dir, OFlags::PATH | OFlags::DIRECTORY) {
             Ok(fd) => fd,
-            Err(Errno::NOENT) => {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 let name = comp.as_os_str();
                 rfs::mkdirat(&dir_fd, name, Mode::from_raw_mode(0o755))?;
                 rfs::chownat(&dir_fd, name, uid, gid, AtFlags::SYMLINK_NOFOLLOW)?;
                 in_root(root_fd.as_fd(), &dir, OFlags::PATH | OFlags::DIRECTORY)?
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         };
     }
     let name = Path::new(DAEMON_JSON_PATH).file_name().unwrap_or_default();
@@ -123,18 +122,7 @@ pub fn write_daemon_json(root: &Path, content: &str, owner: (u32, u32)) -> io::R
     f.sync_all()
 }
 
-fn in_root(root: BorrowedFd<'_>, path: &Path, flags: OFlags) -> Result<OwnedFd, Errno> {
-    let mut tries = 0;
-    loop {
-        match rfs::openat2(
-            root,
-            path,
-            flags | OFlags::CLOEXEC,
-            Mode::empty(),
-            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-        ) {
-            Err(Errno::AGAIN) if tries < 16 => tries += 1,
-            r => return r,
-        }
-    }
+fn in_root(root: BorrowedFd<'_>, path: &Path, flags: OFlags) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    crate::image::unpack::open_in_root(root, path.as_os_str().as_bytes(), flags)
 }
